@@ -1,0 +1,1 @@
+"""zar: run and compare image-classifier architecture studies on MLflow."""

@@ -1,0 +1,223 @@
+"""The ``zar`` command line: models, train, study, compare, runs."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from dataclasses import fields
+
+import click
+
+from . import tracking
+from .config import DEVICES, OPTIMIZERS, TrainConfig, load_config
+from .errors import ZarError
+from .models import VARIANTS, build_model, count_params
+
+CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
+
+
+def config_options(fn):
+    """One ``--key`` option per config field (``--key_name`` too, as ``mlflow run`` passes extra -P)."""
+    for f in reversed(fields(TrainConfig)):
+        dashed, under = f"--{f.name.replace('_', '-')}", f"--{f.name}"
+        names = [dashed] if dashed == under else [dashed, under]
+        if f.type == "bool":
+            option = click.option(*names, f.name, is_flag=True, default=None,
+                                  help=f"Set '{f.name}' (see params/default.yaml).")
+        else:
+            kind = click.Choice(CHOICES[f.name]) if f.name in CHOICES else CLICK_TYPES[f.type]
+            option = click.option(*names, f.name, type=kind, default=None,
+                                  help=f"Override '{f.name}' (default {f.default}).")
+        fn = option(fn)
+    fn = click.option("--params", "params_file", type=click.Path(dir_okay=False),
+                      help="YAML file of config keys (e.g. params/seed.yaml); options override it.")(fn)
+
+    @functools.wraps(fn)
+    def wrapper(params_file, **kwargs):
+        overrides = {f.name: kwargs.pop(f.name) for f in fields(TrainConfig)}
+        if overrides.get("data") == "":  # MLproject's way of saying "not given"
+            overrides["data"] = None
+        return fn(cfg_loader=lambda: load_config(params_file, overrides), **kwargs)
+
+    return wrapper
+
+
+experiment_option = click.option("--experiment", default=tracking.DEFAULT_EXPERIMENT, show_default=True,
+                                 help="MLflow experiment to write runs to and read them from.")
+no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="zar")
+def cli():
+    """zar: run and compare image-classifier architecture studies on MLflow.
+
+    Runs go to MLFLOW_TRACKING_URI, or to ./mlflow.db (artifacts in ./mlruns) when it is unset.
+    """
+
+
+@cli.command()
+@click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
+@click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True)
+def models(depth, num_classes):
+    """List the architectures and their parameter counts."""
+    depth = int(depth)
+    click.echo("| model | architecture | parameters |\n| --- | --- | ---: |")
+    for name, variant in VARIANTS.items():
+        n = count_params(build_model(name, depth, num_classes))["params_total"]
+        click.echo(f"| {name} | {variant.display_name(depth)} | {n:,} |")
+
+
+@cli.command()
+@click.option("--model", "model_name", default="resnet", show_default=True,
+              help=f"Architecture: {', '.join(VARIANTS)}.")
+@config_options
+@experiment_option
+@click.option("--resume", "resume_run", metavar="RUN_ID",
+              help="Continue this stopped run from its last checkpoint (other options are taken from it).")
+@no_progress_option
+def train(model_name, cfg_loader, experiment, resume_run, no_progress):
+    """Train one architecture and record the run in MLflow."""
+    from . import train as training
+
+    if resume_run:
+        result = training.resume(resume_run, progress=not no_progress)
+    else:
+        result = training.train(model_name, cfg_loader(), experiment, progress=not no_progress)
+    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}")
+
+
+def _csv(kind):
+    def parse(ctx, param, value):
+        try:
+            return [kind(v.strip()) for v in value.split(",") if v.strip()]
+        except ValueError:
+            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {value!r}") from None
+    return parse
+
+
+@cli.command()
+@click.option("--models", default=",".join(VARIANTS), show_default=True, callback=_csv(str),
+              help="Comma-separated architectures to train.")
+@click.option("--seeds", default="42", show_default=True, callback=_csv(int),
+              help="Comma-separated training seeds; several give mean ± std per architecture.")
+@click.option("--baseline", default="resnet", show_default=True, help="Architecture the others are compared to.")
+@config_options
+@experiment_option
+@no_progress_option
+def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
+    """Train every architecture (and seed) as child runs of one parent run, then print the table."""
+    from .study import run_study
+
+    if not models or not seeds:
+        raise click.BadParameter("needs at least one model and one seed")
+    cfg = cfg_loader()
+    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress)
+    click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
+    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
+
+
+@cli.command(name="compare")
+@experiment_option
+@click.option("--parent", metavar="RUN_ID", help="Only the child runs of this study run.")
+@click.option("--filter", "filter_string", metavar="FILTER",
+              help="MLflow search filter, e.g. \"params.epochs = '10'\".")
+@click.option("--baseline", default="resnet", show_default=True, help="Row the others are compared to.")
+@click.option("--select", type=click.Choice(["last", "best"]), default="last", show_default=True,
+              help="Final-epoch accuracies, or those of the epoch with the best val_acc.")
+@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json", "latex"]), default="markdown",
+              show_default=True)
+@click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write the table to this file.")
+@click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
+@click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
+def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output, include_unfinished, strict):
+    """Print the study's table (one row per architecture) from the MLflow runs."""
+    from . import compare
+
+    fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
+    if not fetched.rows:
+        raise ZarError(f"no finished zar runs in experiment '{experiment}'"
+                       + (f" under parent {parent}" if parent else "")
+                       + (f" matching {filter_string!r}" if filter_string else "")
+                       + (f" ({compare.describe_usage(0, fetched.left_out)})" if fetched.left_out else ""))
+    differing = compare.differing_hparams(fetched.rows)
+    if differing:
+        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
+        if strict:
+            raise ZarError(f"runs are not comparable, they differ in {detail}")
+        click.echo(f"Warning: runs differ in more than model and seed: {detail}", err=True)
+    table = compare.build_table(fetched.rows, baseline)
+    text = compare.render(table, fmt)
+    usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
+    if fmt == "markdown":
+        text += f"\n{usage}\n"
+    else:
+        click.echo(usage, err=True)
+    if output:
+        with open(output, "w") as f:
+            f.write(text)
+        click.echo(f"Wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+    env_run = os.environ.get("MLFLOW_RUN_ID")
+    if env_run:  # under 'mlflow run -e compare' the table is kept in that run too
+        import mlflow
+
+        with mlflow.start_run(run_id=env_run):
+            mlflow.set_tag("zar.compare", "1")
+            mlflow.log_text(text, f"comparison.{ {'markdown': 'md', 'latex': 'tex'}.get(fmt, fmt) }")
+
+
+@cli.command()
+@experiment_option
+@click.option("--stale", is_flag=True, help="Only RUNNING runs whose process on this machine is gone.")
+@click.option("--mark-failed", is_flag=True, help="With --stale: close those runs as FAILED.")
+def runs(experiment, stale, mark_failed):
+    """List zar's runs; find (and close) runs left RUNNING by a dead process."""
+    from .train import FAILED, RUNNING
+
+    if mark_failed and not stale:
+        raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")
+    tracking.check_reachable()
+    experiment_id = tracking.get_experiment_id(experiment, create=False)
+    found = tracking.client().search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+    rows = []
+    for run in found:
+        tags = run.data.tags
+        if stale:
+            if run.info.status != RUNNING or tracking.process_alive(tags) is not False:
+                continue
+        state = run.info.status
+        if run.info.status == RUNNING:
+            alive = tracking.process_alive(tags)
+            state += {True: " (process alive)", False: " (process gone)", None: " (other machine)"}[alive]
+        val = run.data.metrics.get("val_acc")
+        rows.append((run.info.run_id, tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-"),
+                     state, "-" if val is None else f"{100 * val:.2f}"))
+    if not rows:
+        click.echo("No stale runs." if stale else f"No runs in experiment '{experiment}'.")
+        return
+    click.echo("| run | model | status | val_acc (%) |\n| --- | --- | --- | ---: |")
+    for row in rows:
+        click.echo("| " + " | ".join(row) + " |")
+    if mark_failed:
+        for run_id, *_ in rows:
+            tracking.end_run(run_id, FAILED, "process gone: closed by 'zar runs --stale --mark-failed'")
+        click.echo(f"Marked {len(rows)} run(s) FAILED; 'zar train --resume RUN_ID' continues one from its checkpoint.")
+
+
+def main():
+    """Entry point: click's errors, plus closing the run 'mlflow run' made if zar fails before using it."""
+    try:
+        code = cli.main(prog_name="zar", standalone_mode=False)
+    except click.ClickException as e:
+        if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
+            tracking.fail_env_run(e.format_message())
+        e.show()
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

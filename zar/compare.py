@@ -1,0 +1,214 @@
+"""The study's table from MLflow runs: fetch (one paged search), then pure functions.
+
+``fetch_runs`` asks MLflow; ``build_table`` turns per-run numbers into per-architecture
+rows (mean, std, count, difference to the baseline with a Welch t-test);
+``render`` writes the table as Markdown, CSV, JSON or LaTeX.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import statistics
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from mlflow.entities import ViewType
+from scipy import stats
+
+from . import tracking
+from .config import FIELD_TYPES
+from .errors import ZarError
+from .models import VARIANTS
+
+FORMATS = ("markdown", "csv", "json", "latex")
+SELECT = ("last", "best")
+# What may differ between runs of one table: the architecture and the training seed.
+NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
+GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + ["dataset", "num_classes", "split_fingerprint"]
+COLUMNS = ["Model", "Train Acc (%)", "Val Acc (%)", "Train - Val gap (pp)", "Val Acc vs baseline (pp)",
+           "Params (M)", "Runs"]
+
+
+@dataclass
+class RunRow:
+    """One training run, reduced to what the table needs."""
+
+    run_id: str
+    model: str
+    name: str  # display name, the table's row key
+    train_acc: float  # fractions in [0, 1]
+    val_acc: float
+    params_total: int
+    depth: int = 34
+    hparams: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TableRow:
+    model: str
+    name: str
+    runs: int
+    train_acc_mean: float
+    train_acc_std: float | None
+    val_acc_mean: float
+    val_acc_std: float | None
+    gap_mean: float
+    gap_std: float | None
+    val_acc_vs_baseline: float | None
+    p_value: float | None
+    params_m: float
+    is_baseline: bool = False
+
+
+@dataclass
+class Fetched:
+    rows: list[RunRow]
+    left_out: Counter  # reason -> count
+
+
+def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | None = None,
+               select: str = "last", include_unfinished: bool = False) -> Fetched:
+    tracking.check_reachable()
+    experiment_id = tracking.get_experiment_id(experiment, create=False)
+    clauses = [f"tags.`mlflow.parentRunId` = '{parent}'"] if parent else []
+    if filter_string:
+        clauses.append(filter_string)
+    client, runs, token = tracking.client(), [], None
+    while True:
+        try:
+            page = client.search_runs([experiment_id], " and ".join(clauses), ViewType.ACTIVE_ONLY,
+                                      max_results=1000, page_token=token)
+        except Exception as e:  # MLflow's parse errors are long; their first line says what is wrong
+            message = getattr(e, "message", str(e)).splitlines()[0]
+            raise ZarError(f"bad --filter {filter_string!r}: {message}") from None
+        runs += page
+        token = page.token
+        if not token:
+            break
+    rows, left_out = [], Counter()
+    for run in runs:
+        tags, metrics = run.data.tags, run.data.metrics
+        if tracking.TAG_MODEL not in tags:
+            continue  # a study parent or a run of another tool
+        if run.info.status != "FINISHED" and not include_unfinished:
+            left_out[run.info.status] += 1
+            continue
+        train_key, val_key = ("train_acc", "val_acc") if select == "last" else ("train_acc_at_best", "best_val_acc")
+        if train_key not in metrics or val_key not in metrics:
+            left_out["no metrics yet"] += 1
+            continue
+        params = run.data.params
+        hparams = {k: params.get(k, "") for k in GUARDED}
+        hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
+        rows.append(RunRow(run.info.run_id, tags[tracking.TAG_MODEL], tags.get(tracking.TAG_DISPLAY, tags[tracking.TAG_MODEL]),
+                           metrics[train_key], metrics[val_key], int(metrics.get("params_total", 0)),
+                           int(params.get("depth", 34) or 34), hparams))
+    return Fetched(rows, left_out)
+
+
+def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
+    """Hyperparameters that are not the same across all runs: the table would mislead."""
+    out = {}
+    for key in GUARDED:
+        values = sorted({r.hparams.get(key, "") for r in rows})
+        if len(values) > 1:
+            out[key] = values
+    return out
+
+
+def _order(model: str) -> int:
+    order = list(VARIANTS)
+    return order.index(model) if model in order else len(order)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def build_table(rows: list[RunRow], baseline: str = "resnet") -> list[TableRow]:
+    """One row per architecture, in the study's order; accuracies in percent."""
+    if baseline not in VARIANTS:
+        raise ZarError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
+    if not rows:
+        raise ZarError("no runs to compare")
+    groups: dict[str, list[RunRow]] = {}
+    for r in sorted(rows, key=lambda r: (_order(r.model), r.depth, r.name)):
+        groups.setdefault(r.name, []).append(r)
+    base_name = next((name for name, g in groups.items() if g[0].model == baseline), None)
+    if base_name is None:
+        present = ", ".join(dict.fromkeys(r.model for r in rows))
+        raise ZarError(f"baseline {baseline!r} has no runs in this table; models present: {present} (pass --baseline)")
+    base_val = [100 * r.val_acc for r in groups[base_name]]
+
+    table = []
+    for name, g in groups.items():
+        train = [100 * r.train_acc for r in g]
+        val = [100 * r.val_acc for r in g]
+        gap = [t - v for t, v in zip(train, val)]
+        (tm, ts), (vm, vs), (gm, gs) = _mean_std(train), _mean_std(val), _mean_std(gap)
+        is_base = name == base_name
+        delta = None if is_base else vm - statistics.fmean(base_val)
+        p = None
+        if not is_base and len(val) >= 2 and len(base_val) >= 2:
+            with warnings.catch_warnings():  # nearly equal samples: scipy warns, the p-value stands
+                warnings.simplefilter("ignore", RuntimeWarning)
+                p = float(stats.ttest_ind(val, base_val, equal_var=False).pvalue)
+            p = None if math.isnan(p) else p  # identical, constant samples have no test
+        table.append(TableRow(g[0].model, name, len(g), tm, ts, vm, vs, gm, gs, delta, p,
+                              statistics.fmean(r.params_total for r in g) / 1e6, is_base))
+    return table
+
+
+def _pm(mean: float, std: float | None, pm: str = "±", signed: bool = False) -> str:
+    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
+    return text if std is None else f"{text} {pm} {std:.2f}"
+
+
+def _delta(row: TableRow) -> str:
+    if row.is_baseline:
+        return "baseline"
+    text = f"{row.val_acc_vs_baseline:+.2f}"
+    if row.p_value is None:
+        return text
+    return f"{text} (p<0.001)" if row.p_value < 0.001 else f"{text} (p={row.p_value:.3f})"
+
+
+def _cells(row: TableRow, pm: str = "±") -> list[str]:
+    return [row.name, _pm(row.train_acc_mean, row.train_acc_std, pm), _pm(row.val_acc_mean, row.val_acc_std, pm),
+            _pm(row.gap_mean, row.gap_std, pm, signed=True), _delta(row), f"{row.params_m:.2f}", str(row.runs)]
+
+
+def render(table: list[TableRow], fmt: str = "markdown") -> str:
+    if fmt == "markdown":
+        lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join([":-:"] * (len(COLUMNS) - 1)) + " |"]
+        lines += ["| " + " | ".join(_cells(r)) + " |" for r in table]
+        return "\n".join(lines) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(asdict(table[0])), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in table)
+        return buf.getvalue()
+    if fmt == "json":
+        return json.dumps([asdict(r) for r in table], indent=2) + "\n"
+    if fmt == "latex":
+        def esc(s: str) -> str:
+            return s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")
+
+        lines = [r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}", r"\hline",
+                 " & ".join(esc(c) for c in COLUMNS) + r" \\", r"\hline"]
+        lines += [" & ".join(esc(c) for c in _cells(r)) + r" \\" for r in table]
+        lines += [r"\hline", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def describe_usage(used: int, left_out: Counter) -> str:
+    if not left_out:
+        return f"{used} runs used, none left out."
+    reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(left_out.items()))
+    return f"{used} runs used, {sum(left_out.values())} left out ({reasons}; --include-unfinished counts unfinished runs)."

@@ -1,0 +1,143 @@
+"""The training configuration: one frozen dataclass, loaded from YAML, validated once.
+
+The field names are the public names: YAML keys, ``--option`` names (with dashes),
+MLflow params and the columns ``zar compare`` reads all use them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ZarError
+from .models import STAGE_BLOCKS
+
+OPTIMIZERS = ("adamw", "adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ZarError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-4
+    seed: int = 42
+    split_seed: int = 42
+    val_ratio: float = 0.2
+    image_size: int = 32
+    workers: int = 0
+    depth: int = 34
+    se_reduction: int = 16
+    data: str = "digits"
+    device: str = "auto"
+    skip_bad_images: bool = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "float":
+                object.__setattr__(self, f.name, _as_float(value))
+        _check_types(self)
+        checks = [
+            ("lr", 0 < self.lr < math.inf, "must be > 0 and finite"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("epochs", self.epochs >= 1, "must be >= 1"),
+            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
+            ("weight_decay", 0 <= self.weight_decay < math.inf, "must be >= 0 and finite"),
+            ("seed", self.seed >= 0, "must be >= 0"),
+            ("split_seed", self.split_seed >= 0, "must be >= 0"),
+            ("val_ratio", 0 < self.val_ratio < 1, "must be between 0 and 1 (exclusive)"),
+            ("image_size", 8 <= self.image_size <= 1024, "must be between 8 and 1024"),
+            ("workers", self.workers >= 0, "must be >= 0"),
+            ("depth", self.depth in STAGE_BLOCKS, f"must be one of {', '.join(map(str, STAGE_BLOCKS))}"),
+            ("se_reduction", 1 <= self.se_reduction <= 64, "must be between 1 and 64"),
+            ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
+            ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+        ]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"config key '{key}' {rule}, got {getattr(self, key)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        return from_dict({**self.to_dict(), **overrides})
+
+
+def _as_float(value: Any) -> Any:
+    """Ints are floats; so is YAML 1.1's ``1e-3``, which PyYAML reads as a string."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+PY_TYPES = {"float": (float,), "int": (int,), "str": (str,), "bool": (bool,)}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    for name, type_name in FIELD_TYPES.items():
+        value = getattr(cfg, name)
+        wanted = PY_TYPES[type_name]
+        if not isinstance(value, wanted) or (type_name != "bool" and isinstance(value, bool)):
+            raise ConfigError(
+                f"config key '{name}' must be {type_name}, got {type(value).__name__} {value!r}"
+            )
+
+
+def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source} must be a mapping of keys to values, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(FIELD_TYPES), key=str)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key '{unknown[0]}' in {source}; valid: {', '.join(FIELD_TYPES)}"
+        )
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the YAML file's keys, then single-key overrides (``None`` means unset)."""
+    values: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read params file {path}: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or "invalid YAML"
+            raise ConfigError(f"malformed YAML in {path}{where}: {problem}") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path} must hold a mapping of config keys, got {type(loaded).__name__}")
+            values.update(loaded)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(values, source)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

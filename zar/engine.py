@@ -1,0 +1,171 @@
+"""Training and evaluation: plain functions and a resumable loop that return numbers.
+
+Nothing here knows about MLflow or files. ``Trainer.epochs()`` yields one
+``EpochResult`` per finished epoch; its caller decides what to log and when to
+checkpoint (``Trainer.state_dict()`` holds everything needed to continue exactly).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+
+
+class Diverged(RuntimeError):
+    def __init__(self, epoch: int, step: int, loss: float):
+        super().__init__(f"loss became {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    epoch_time_s: float
+
+    def metrics(self) -> dict[str, float]:
+        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+
+
+@dataclass
+class Evaluation:
+    loss: float
+    acc: float
+    y_true: list[int]
+    y_pred: list[int]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def train_one_epoch(model, loader, optimizer, device, epoch: int, progress: bool = True) -> tuple[float, float]:
+    """Returns (mean loss, accuracy) over the epoch's training batches."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    loss_sum, correct, seen = 0.0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None if progress else True, unit="batch")
+    for step, (x, y) in enumerate(bar, start=1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        logits = model(x)
+        loss = criterion(logits, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise Diverged(epoch, step, loss_value)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss_value * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return loss_sum / seen, correct / seen
+
+
+@torch.no_grad()
+def evaluate(model, loader, device) -> Evaluation:
+    model.eval()
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    loss_sum, y_true, y_pred = 0.0, [], []
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += criterion(logits, y).item()
+        y_true += y.tolist()
+        y_pred += logits.argmax(1).tolist()
+    n = len(y_true)
+    return Evaluation(loss_sum / n, sum(t == p for t, p in zip(y_true, y_pred)) / n, y_true, y_pred)
+
+
+class Trainer:
+    """The study's loop: seeded shuffling, one optimizer step per batch, evaluation per epoch."""
+
+    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
+                 device: torch.device, progress: bool = True):
+        self.cfg, self.device, self.progress = cfg, device, progress
+        self.model = model.to(device)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
+        drop_last = len(train_set) % cfg.batch_size == 1 and len(train_set) > 1
+        pin = device.type == "cuda"
+        self.train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, generator=self.generator,
+                                       num_workers=cfg.workers, drop_last=drop_last, pin_memory=pin)
+        self.val_loader = DataLoader(val_set, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
+        self.epoch = 0  # last completed epoch
+        self.history: list[EpochResult] = []
+        self.best_epoch = 0
+        self.best_val_acc = 0.0
+        self.train_acc_at_best = 0.0
+
+    def epochs(self) -> Iterator[EpochResult]:
+        while self.epoch < self.cfg.epochs:
+            epoch = self.epoch + 1
+            start = time.perf_counter()
+            train_loss, train_acc = train_one_epoch(
+                self.model, self.train_loader, self.optimizer, self.device, epoch, self.progress
+            )
+            ev = evaluate(self.model, self.val_loader, self.device)
+            result = EpochResult(epoch, train_loss, train_acc, ev.loss, ev.acc, time.perf_counter() - start)
+            self.epoch = epoch
+            self.history.append(result)
+            if ev.acc > self.best_val_acc or self.best_epoch == 0:
+                self.best_epoch, self.best_val_acc, self.train_acc_at_best = epoch, ev.acc, train_acc
+            yield result
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.val_loader, self.device)
+
+    def summary(self) -> dict[str, float]:
+        return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch,
+                "train_acc_at_best": self.train_acc_at_best}
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "history": [asdict(r) for r in self.history],
+            "best": self.summary(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch = state["epoch"]
+        self.history = [EpochResult(**r) for r in state["history"]]
+        best = state["best"]
+        self.best_val_acc, self.best_epoch = best["best_val_acc"], best["best_epoch"]
+        self.train_acc_at_best = best["train_acc_at_best"]
+        torch.set_rng_state(state["rng"]["torch"])
+        self.generator.set_state(state["rng"]["loader"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)

@@ -1,0 +1,90 @@
+"""The whole study: one parent run, one nested training run per model and seed, one table."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+import mlflow
+
+from . import compare, plots, tracking
+from . import train as training
+from .config import TrainConfig
+from .data import load_data
+from .errors import ZarError
+from .models import get_variant
+
+
+@dataclass
+class StudyResult:
+    run_id: str
+    experiment_id: str
+    table: list[compare.TableRow]
+    failures: list[str]
+
+
+def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
+              baseline: str = "resnet", progress: bool = True,
+              echo: Callable[[str], None] = click.echo) -> StudyResult:
+    for m in models:
+        training._user_error(get_variant, m)
+    if baseline not in models:
+        raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
+    load_data(cfg)  # a bad data path fails now, not after the first architecture has trained
+    tracking.check_reachable()
+    env_run_id = os.environ.get("MLFLOW_RUN_ID")
+    experiment_id = None if env_run_id else tracking.get_experiment_id(experiment)
+    parent = mlflow.start_run(run_id=env_run_id, experiment_id=experiment_id, run_name=f"study-{len(models)}x{len(seeds)}")
+    run_id = parent.info.run_id
+    with training._closing_run(run_id):
+        tracking.set_tags(run_id, {tracking.TAG_STUDY: "1", "mlflow.runName": f"study-{len(models)}x{len(seeds)}",
+                                   **tracking.process_tags()})
+        tracking.log_params(run_id, {**cfg.to_dict(), "models": ",".join(models), "seeds": ",".join(map(str, seeds))})
+        results, failures = [], []
+        for model in models:
+            for seed in seeds:
+                try:
+                    results.append(training.train(model, cfg.replace(seed=seed), experiment, progress, echo))
+                except training.Interrupted:
+                    raise KeyboardInterrupt from None
+                except Exception as e:  # the child is FAILED already; the study goes on without it
+                    message = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
+                    failures.append(f"{model} seed {seed}: {message}")
+                    echo(f"{model} seed {seed} failed: {message}")
+        table = _report(run_id, parent.info.experiment_id, results, baseline, echo)
+        if failures:
+            raise training.TrainingFailed(f"{len(failures)} of {len(models) * len(seeds)} runs failed: "
+                                          + "; ".join(failures))
+    return StudyResult(run_id, parent.info.experiment_id, table, failures)
+
+
+def _report(run_id: str, experiment_id: str, results: list, baseline: str, echo) -> list[compare.TableRow]:
+    """The table from what MLflow recorded (as ``zar compare`` would read it), saved in the parent run."""
+    experiment = tracking.client().get_experiment(experiment_id).name
+    fetched = compare.fetch_runs(experiment, parent=run_id)
+    if not fetched.rows:
+        return []
+    names = {r.name for r in fetched.rows}
+    base = baseline if any(r.model == baseline for r in fetched.rows) else fetched.rows[0].model
+    table = compare.build_table(fetched.rows, base)
+    markdown = compare.render(table, "markdown")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "comparison.md").write_text(markdown + "\n" + compare.describe_usage(len(fetched.rows), fetched.left_out) + "\n")
+        (out / "comparison.csv").write_text(compare.render(table, "csv"))
+        several_seeds = len(results) > len(names)
+        series = {(f"{r.display_name} seed {r.seed}" if several_seeds else r.display_name):
+                  [{"epoch": h.epoch, "val_acc": h.val_acc} for h in r.history] for r in results}
+        plots.val_acc_per_epoch(series, out / "val_acc_per_epoch.png")
+        plots.final_val_acc_bars([r.name for r in table], [r.val_acc_mean for r in table],
+                                 [r.val_acc_std if r.val_acc_std is not None else 0.0 for r in table],
+                                 out / "final_val_acc.png")
+        mlflow.log_artifacts(tmp)
+    echo("")
+    echo(markdown)
+    echo(compare.describe_usage(len(fetched.rows), fetched.left_out))
+    return table
