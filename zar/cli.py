@@ -49,7 +49,33 @@ experiment_option = click.option("--experiment", default=tracking.DEFAULT_EXPERI
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class ZarGroup(click.Group):
+    """Every error is one line on stderr and a non-zero exit, never a traceback or a usage dump.
+
+    It also closes the run that ``mlflow run`` created when zar fails before adopting it.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            where = e.ctx.command_path if e.ctx else "zar"
+            message, exit_code = f"{e.format_message()} (see '{where} --help')", e.exit_code
+        except click.ClickException as e:
+            message, exit_code = e.format_message(), e.exit_code
+        except click.Abort:
+            message, exit_code = "aborted", 130
+        else:
+            sys.exit(code if isinstance(code, int) else 0)
+        if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
+            tracking.fail_env_run(message)
+        click.echo(f"Error: {message}", err=True)
+        sys.exit(exit_code)
+
+
+@click.group(cls=ZarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="zar")
 def cli():
     """zar: run and compare image-classifier architecture studies on MLflow.
@@ -209,15 +235,4 @@ def runs(experiment, stale, mark_failed):
 
 
 def main():
-    """Entry point: click's errors, plus closing the run 'mlflow run' made if zar fails before using it."""
-    try:
-        code = cli.main(prog_name="zar", standalone_mode=False)
-    except click.ClickException as e:
-        if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
-            tracking.fail_env_run(e.format_message())
-        e.show()
-        sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("Aborted!", err=True)
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    cli(prog_name="zar")

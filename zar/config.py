@@ -108,7 +108,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
     unknown = sorted(set(values) - set(FIELD_TYPES), key=str)
     if unknown:
         raise ConfigError(
-            f"unknown config key '{unknown[0]}' in {source}; valid: {', '.join(FIELD_TYPES)}"
+            f"unknown config key {unknown[0]!r} in {source}; valid: {', '.join(FIELD_TYPES)}"
         )
     return TrainConfig(**values)
 

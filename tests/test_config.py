@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from zar.config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_params_file_is_the_study():
+    cfg = load_config(ROOT / "params" / "default.yaml")
+    assert cfg == TrainConfig()
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.workers, cfg.seed) == (1e-3, 32, 10, 0, 42)
+    assert (cfg.optimizer, cfg.weight_decay, cfg.val_ratio, cfg.image_size) == ("adamw", 1e-4, 0.2, 32)
+
+
+def test_seed_params_file_is_the_study_at_224():
+    cfg = load_config(ROOT / "params" / "seed.yaml")
+    assert cfg == TrainConfig(image_size=224)
+
+
+def test_overrides_win_and_none_means_unset(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("epochs: 3\nlr: 1e-2\n")  # PyYAML reads 1e-2 as a string; it is still a float
+    cfg = load_config(path, {"epochs": 5, "batch_size": None})
+    assert (cfg.epochs, cfg.lr, cfg.batch_size) == (5, 0.01, 32)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("epochs: 0\n", "config key 'epochs' must be >= 1, got 0"),
+    ("val_ratio: 1.0\n", "config key 'val_ratio' must be between 0 and 1 (exclusive), got 1.0"),
+    ("lr: -1\n", "config key 'lr' must be > 0 and finite, got -1.0"),
+    ("lr: .nan\n", "config key 'lr' must be > 0 and finite, got nan"),
+    ("epochs: ten\n", "config key 'epochs' must be int, got str 'ten'"),
+    ("epochs: 2.5\n", "config key 'epochs' must be int, got float 2.5"),
+    ("batch_size: true\n", "config key 'batch_size' must be int, got bool True"),
+    ("optimizer: lion\n", "config key 'optimizer' must be one of adamw, adam, sgd, got 'lion'"),
+    ("depth: 50\n", "config key 'depth' must be one of 18, 34, got 50"),
+    ("learning_rate: 0.1\n", "unknown config key 'learning_rate'"),
+    ("epochs: [1, 2\n", "malformed YAML"),
+    ("- 1\n- 2\n", "must hold a mapping of config keys, got list"),
+])
+def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert message in err.value.message
+    assert "\n" not in err.value.message
+    assert err.value.exit_code == 2
+
+
+def test_missing_params_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read params file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        TrainConfig().lr = 0.1  # type: ignore[misc]
+
+
+values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
+                   st.text(max_size=8), st.lists(st.integers(), max_size=2))
+keys = st.one_of(st.sampled_from(sorted(FIELD_TYPES)), st.text(min_size=1, max_size=10))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(keys, values, max_size=5))
+def test_any_config_is_valid_or_one_clear_error(raw):
+    """Property: every mapping either loads into a valid config or raises one ConfigError line naming a key."""
+    try:
+        cfg = from_dict(raw)
+    except ConfigError as e:
+        assert "\n" not in e.message
+        assert "config key" in e.message
+        assert any(repr(k) in e.message for k in raw)
+    else:
+        assert cfg.epochs >= 1 and 0 < cfg.val_ratio < 1 and cfg.lr > 0
+        assert from_dict(cfg.to_dict()) == cfg  # what is logged loads back to the same config
+        assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
