@@ -9,10 +9,12 @@ from dataclasses import fields
 
 import click
 
-from . import tracking
 from .config import DEVICES, OPTIMIZERS, TrainConfig, load_config
 from .errors import ZarError
-from .models import VARIANTS, build_model, count_params
+from .store import DEFAULT_EXPERIMENT, probe_server
+from .variants import VARIANTS
+
+# torch and MLflow take seconds to import: commands import what they use when they run.
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
@@ -44,7 +46,7 @@ def config_options(fn):
     return wrapper
 
 
-experiment_option = click.option("--experiment", default=tracking.DEFAULT_EXPERIMENT, show_default=True,
+experiment_option = click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
                                  help="MLflow experiment to write runs to and read them from.")
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
 
@@ -70,7 +72,9 @@ class ZarGroup(click.Group):
         else:
             sys.exit(code if isinstance(code, int) else 0)
         if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
-            tracking.fail_env_run(message)
+            from .tracking import fail_env_run
+
+            fail_env_run(message)
         click.echo(f"Error: {message}", err=True)
         sys.exit(exit_code)
 
@@ -89,6 +93,8 @@ def cli():
 @click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True)
 def models(depth, num_classes):
     """List the architectures and their parameter counts."""
+    from .models import build_model, count_params
+
     depth = int(depth)
     click.echo("| model | architecture | parameters |\n| --- | --- | ---: |")
     for name, variant in VARIANTS.items():
@@ -106,6 +112,8 @@ def models(depth, num_classes):
 @no_progress_option
 def train(model_name, cfg_loader, experiment, resume_run, no_progress):
     """Train one architecture and record the run in MLflow."""
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    from . import tracking
     from . import train as training
 
     if resume_run:
@@ -135,6 +143,8 @@ def _csv(kind):
 @no_progress_option
 def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
     """Train every architecture (and seed) as child runs of one parent run, then print the table."""
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    from . import tracking
     from .study import run_study
 
     if not models or not seeds:
@@ -160,6 +170,7 @@ def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
 def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output, include_unfinished, strict):
     """Print the study's table (one row per architecture) from the MLflow runs."""
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import compare
 
     fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
@@ -202,6 +213,8 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
 @click.option("--mark-failed", is_flag=True, help="With --stale: close those runs as FAILED.")
 def runs(experiment, stale, mark_failed):
     """List zar's runs; find (and close) runs left RUNNING by a dead process."""
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    from . import tracking
     from .train import FAILED, RUNNING
 
     if mark_failed and not stale:

@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from .errors import ZarError
-from .models import STAGE_BLOCKS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+DEPTHS = (18, 34)  # the ResNet depths zar.models builds
 
 
 class ConfigError(ZarError):
@@ -60,7 +60,7 @@ class TrainConfig:
             ("val_ratio", 0 < self.val_ratio < 1, "must be between 0 and 1 (exclusive)"),
             ("image_size", 8 <= self.image_size <= 1024, "must be between 8 and 1024"),
             ("workers", self.workers >= 0, "must be >= 0"),
-            ("depth", self.depth in STAGE_BLOCKS, f"must be one of {', '.join(map(str, STAGE_BLOCKS))}"),
+            ("depth", self.depth in DEPTHS, f"must be one of {', '.join(map(str, DEPTHS))}"),
             ("se_reduction", 1 <= self.se_reduction <= 64, "must be between 1 and 64"),
             ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),

@@ -8,14 +8,15 @@ torchvision's ``resnet34`` so that ``ResNet-34`` here has exactly its parameter 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .variants import VARIANTS, Variant, get_variant  # noqa: F401  (re-exported)
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish}
-STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # = config.DEPTHS
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -130,47 +131,6 @@ class ResNet(nn.Module):
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-@dataclass(frozen=True)
-class Variant:
-    """A study architecture: a name, a display stem and the switches that make it."""
-
-    name: str
-    display: str  # "{depth}" is filled in, e.g. "SE-ResNet-{depth}"
-    skip: bool = True
-    attn: str | None = None
-    act: str = "relu"
-
-    def display_name(self, depth: int = 34, se_reduction: int = 16) -> str:
-        name = self.display.format(depth=depth)
-        if self.attn == "se" and se_reduction != 16:
-            name += f" (r={se_reduction})"
-        return name
-
-
-VARIANTS: dict[str, Variant] = {}
-
-
-def register(variant: Variant) -> Variant:
-    if variant.name in VARIANTS:
-        raise ValueError(f"variant {variant.name!r} is already registered")
-    VARIANTS[variant.name] = variant
-    return variant
-
-
-register(Variant("plain", "Plain-{depth}", skip=False))
-register(Variant("resnet", "ResNet-{depth}"))
-register(Variant("se", "SE-ResNet-{depth}", attn="se"))
-register(Variant("mish", "Mish-ResNet-{depth}", act="mish"))
-register(Variant("se_mish", "SE-Mish-ResNet-{depth}", attn="se", act="mish"))
-
-
-def get_variant(name: str) -> Variant:
-    try:
-        return VARIANTS[name]
-    except KeyError:
-        raise ValueError(f"unknown model {name!r}; valid: {', '.join(VARIANTS)}") from None
 
 
 def build_model(name: str, depth: int = 34, num_classes: int = 10, se_reduction: int = 16) -> ResNet:

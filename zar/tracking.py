@@ -7,6 +7,7 @@ default (SQLite ``mlflow.db`` in the working folder, artifacts under ``./mlruns`
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from .errors import ZarError
+from .store import DEFAULT_EXPERIMENT, probe_server  # noqa: F401  (DEFAULT_EXPERIMENT re-exported)
 
 TAG_MODEL = "zar.model"
 TAG_DISPLAY = "zar.display_name"
@@ -36,7 +38,6 @@ TAG_HOST = "zar.host"
 TAG_PROC_START = "zar.process_start"
 TAG_STUDY = "zar.study"
 TAG_DEVICE = "zar.device"
-DEFAULT_EXPERIMENT = "zar"
 
 # MLflow's migrations and start-up chatter is noise on every command.
 for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils"):
@@ -66,20 +67,26 @@ def tracking_uri() -> str:
 
 
 def check_reachable(timeout: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when a tracking server is not there (MLflow retries for long)."""
+    """Make sure the store answers before any work: fail in seconds, not after MLflow's minutes of retries.
+
+    A server must answer HTTP; a new SQLite file is created here, one process at a time,
+    because MLflow's table migrations break when several processes create it at once.
+    """
     uri = tracking_uri()
     parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except OSError as e:
-        raise ZarError(
-            f"cannot reach the MLflow tracking server at {uri} ({e.strerror or e}); "
-            "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
-        ) from None
+    if parsed.scheme in ("http", "https"):
+        probe_server(uri, timeout)
+    elif parsed.scheme == "sqlite":
+        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        if db is None or str(db) in ("", ":memory:"):
+            return
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with open(db.with_name(db.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                client().search_experiments(max_results=1)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def client() -> MlflowClient:

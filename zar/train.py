@@ -167,8 +167,9 @@ def _fit(run, trainer: Trainer, model_name: str, display: str, cfg: TrainConfig,
     summary = trainer.summary()
     tracking.log_metrics(run_id, summary)
     _log_results(trainer, data, cfg, display)
-    with contextlib.suppress(FileNotFoundError):  # the logged model supersedes it
+    with contextlib.suppress(OSError):  # the logged model supersedes the checkpoint
         ckpt.unlink()
+        ckpt.parent.rmdir()
     echo(f"{display}: best val_acc {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}")
     return TrainingResult(run_id, run.info.experiment_id, model_name, display, cfg.seed, list(trainer.history), summary)
 
@@ -182,11 +183,12 @@ def _closing_run(run_id: str):
     except Diverged as e:
         tracking.set_tags(run_id, {"zar.diverged_at": f"epoch {e.epoch}, step {e.step}"})
         tracking.end_run(run_id, FAILED, f"diverged: {e}")
-        raise TrainingFailed(f"training diverged: {e}; run {run_id} marked FAILED, "
-                             "the last good epoch's checkpoint is kept") from None
-    except KeyboardInterrupt:
+        kept = (f"the checkpoint of epoch {e.epoch - 1} is kept" if e.epoch > 1
+                else "no epoch had finished, so there is no checkpoint")
+        raise TrainingFailed(f"training diverged: {e}; run {run_id} marked FAILED, {kept}") from None
+    except KeyboardInterrupt as e:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
-        tracking.end_run(run_id, KILLED, "interrupted")
+        tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
         raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
                           f"'zar train --resume {run_id}'") from None
     except BaseException as e:
@@ -199,7 +201,7 @@ def _closing_run(run_id: str):
 
 
 def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

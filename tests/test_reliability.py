@@ -1,0 +1,215 @@
+"""Interruptions, resume, divergence and store faults, with real processes and signals."""
+
+import math
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, zar_subprocess
+from zar.config import FIELD_TYPES
+
+METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
+FOUR_EPOCHS = [a if a != "1" else "4" for a in TINY]  # TINY with --epochs 4
+
+
+def runs():
+    client = MlflowClient()
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def history(run_id, key):
+    return [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+def start_and_signal(sig, after_epoch=2, extra=()):
+    """Start `zar train` for 4 epochs, send `sig` a moment into epoch after_epoch + 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "zar", "train", *FOUR_EPOCHS, *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"epoch {after_epoch:>3}/4"):
+            time.sleep(0.3)
+            proc.send_signal(sig)
+            break
+    out, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(lines) + out
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(store):
+    code, output = start_and_signal(signal.SIGKILL)
+    assert code == -signal.SIGKILL, output
+    (killed,) = runs()
+    assert killed.info.status == "RUNNING"  # what SIGKILL leaves behind in MLflow
+    ckpt = Path(killed.data.tags["zar.checkpoint"])
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+
+    # zar runs --stale finds it (the process is gone) ...
+    stale = zar_subprocess("runs", "--stale")
+    assert killed.info.run_id in stale.stdout and "process gone" in stale.stdout
+    # ... and resume continues that same run to the end.
+    resumed = zar_subprocess("train", "--resume", killed.info.run_id, "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming run" in resumed.stdout and "after epoch 2 of 4" in resumed.stdout
+
+    reference = zar_subprocess("train", *FOUR_EPOCHS)
+    assert reference.returncode == 0, reference.stderr
+    done = {r.info.run_id: r for r in runs()}
+    assert len(done) == 2 and all(r.info.status == "FINISHED" for r in done.values())
+    ref_id = next(i for i in done if i != killed.info.run_id)
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        got, want = history(killed.info.run_id, key), history(ref_id, key)
+        assert [s for s, _ in got] == [1, 2, 3, 4], key  # no gap, no duplicate step
+        assert all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for (_, a), (_, b) in zip(got, want)), key
+    for key in ("best_val_acc", "best_epoch", "params_total"):
+        assert done[killed.info.run_id].data.metrics[key] == pytest.approx(done[ref_id].data.metrics[key])
+    assert not ckpt.exists()  # a finished run keeps its model, not its checkpoint
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_end_the_run_killed_with_its_checkpoint(store, sig):
+    code, output = start_and_signal(sig, after_epoch=1)
+    assert code == 130, output
+    assert "marked KILLED" in output and "zar train --resume" in output
+    assert "Traceback" not in output
+    (run,) = runs()
+    assert run.info.status == "KILLED"
+    assert run.data.tags["zar.error"] == f"interrupted by {signal.Signals(sig).name}"
+    assert torch.load(run.data.tags["zar.checkpoint"], weights_only=True)["epoch"] == 1
+    assert [s for s, _ in history(run.info.run_id, "val_acc")] == [1]
+
+
+def test_stale_runs_can_be_closed_and_resume_refuses_finished_runs(store, zar):
+    code, _ = start_and_signal(signal.SIGKILL, after_epoch=1)
+    (run,) = runs()
+    listed = zar("runs", "--stale", "--mark-failed")
+    assert listed.exit_code == 0 and run.info.run_id in listed.output and "Marked 1 run(s) FAILED" in listed.output
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "FAILED" and "process gone" in run.data.tags["zar.error"]
+    assert "No stale runs." in zar("runs", "--stale").output
+    # A FAILED run resumes too; a FINISHED one has nothing left to do.
+    assert zar("train", "--resume", run.info.run_id, "--no-progress").exit_code == 0
+    run = MlflowClient().get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and "zar.error" not in run.data.tags
+    again = zar("train", "--resume", run.info.run_id)
+    assert again.exit_code == 2 and "already FINISHED" in again.output
+    unknown = zar("train", "--resume", "0" * 32)
+    assert unknown.exit_code == 2 and "no MLflow run with id" in unknown.output
+
+
+def test_divergence_fails_the_run_at_once_with_epoch_and_step(store, zar):
+    result = zar("train", *FOUR_EPOCHS, "--optimizer", "sgd", "--lr", "1e12")
+    assert result.exit_code == 1
+    assert "training diverged: loss became nan at epoch 1" in result.output
+    (run,) = runs()
+    assert run.info.status == "FAILED"
+    assert run.data.tags["zar.diverged_at"].startswith("epoch 1, step ")
+    assert "diverged" in run.data.tags["zar.error"]
+
+
+def test_divergence_after_a_good_epoch_keeps_its_checkpoint(store, zar, monkeypatch):
+    """Poison the data from the second epoch on: epoch 1 is good, epoch 2 diverges."""
+    import zar.train as training
+    from zar.data import load_data
+
+    class Poisoned(torch.utils.data.Dataset):
+        def __init__(self, inner):
+            self.inner, self.reads = inner, 0
+
+        def __len__(self):
+            return len(self.inner)
+
+        def __getitem__(self, i):
+            self.reads += 1
+            x, y = self.inner[i]
+            return (x * float("nan") if self.reads > len(self.inner) else x), y
+
+    def poisoned_load_data(cfg):
+        bundle = load_data(cfg)
+        bundle.train = Poisoned(bundle.train)
+        return bundle
+
+    monkeypatch.setattr(training, "load_data", poisoned_load_data)
+    result = zar("train", *FOUR_EPOCHS)
+    assert result.exit_code == 1 and "epoch 2, step 1" in result.output
+    assert "the checkpoint of epoch 1 is kept" in result.output
+    (run,) = runs()
+    assert run.info.status == "FAILED" and run.data.tags["zar.diverged_at"] == "epoch 2, step 1"
+    assert torch.load(run.data.tags["zar.checkpoint"], weights_only=True)["epoch"] == 1
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [["train", *TINY], ["compare"], ["runs"], ["study", *TINY]])
+def test_unreachable_tracking_server_fails_fast_and_clearly(tmp_path, command):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    start = time.monotonic()
+    proc = zar_subprocess(*command, env={"MLFLOW_TRACKING_URI": uri}, cwd=tmp_path, timeout=60)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"Error: cannot reach the MLflow tracking server at {uri}")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "epoch" not in proc.stdout  # nothing trained
+
+
+def test_four_processes_share_one_new_sqlite_store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not created yet: the racy case
+    procs = [subprocess.Popen([sys.executable, "-m", "zar", "train", *TINY, "--epochs", "2", "--seed", str(i)],
+                              cwd=tmp_path, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outputs]
+    mlflow.set_tracking_uri(uri)
+    try:
+        found = runs()
+        assert len(found) == 4 and all(r.info.status == "FINISHED" for r in found)
+        for r in found:
+            for key in METRICS:
+                assert [s for s, _ in history(r.info.run_id, key)] == [1, 2], key
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+bad_values = {
+    "lr": st.sampled_from([0, -1.0, "fast", float("inf")]),
+    "epochs": st.sampled_from([0, -3, 2.5, "ten", True]),
+    "val_ratio": st.sampled_from([0, 1, 1.5, -0.1]),
+    "batch_size": st.sampled_from([0, "32x", None]),
+    "optimizer": st.sampled_from(["lion", 3]),
+    "depth": st.sampled_from([50, 0]),
+}
+good_values = {"lr": st.floats(1e-5, 1.0), "epochs": st.integers(1, 3), "seed": st.integers(0, 100),
+               "weight_decay": st.floats(0, 0.1), "optimizer": st.sampled_from(["adamw", "sgd"])}
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bad=st.sampled_from(sorted(bad_values)).flatmap(lambda k: st.tuples(st.just(k), bad_values[k])),
+       good=st.fixed_dictionaries({}, optional=good_values), unknown=st.booleans())
+def test_any_bad_params_file_is_one_line_exit_2_and_no_run(store, zar, tmp_path, bad, good, unknown):
+    key, value = bad
+    config = {**good, key: value}
+    if unknown:
+        config["learning_rate"] = 0.1
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = zar("train", "--params", str(path), "--data", "synthetic", "--no-progress")  # no key overridden
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1
+    assert "learning_rate" in result.output or f"'{key}'" in result.output
+    assert runs() == []
+    assert set(config) - {"learning_rate"} <= set(FIELD_TYPES)
