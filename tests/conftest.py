@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# Tiny models gain nothing from two threads, and tests that start several processes oversubscribe
+# the cores; set before torch loads, and inherited by every subprocess a test starts.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
 import subprocess
 import sys

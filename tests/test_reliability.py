@@ -47,6 +47,7 @@ def start_and_signal(sig, after_epoch=2, extra=()):
     return proc.returncode, "".join(lines) + out
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_an_uninterrupted_run(store):
     code, output = start_and_signal(signal.SIGKILL)
     assert code == -signal.SIGKILL, output
@@ -167,6 +168,7 @@ def test_unreachable_tracking_server_fails_fast_and_clearly(tmp_path, command):
     assert "epoch" not in proc.stdout  # nothing trained
 
 
+@pytest.mark.slow
 def test_four_processes_share_one_new_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not created yet: the racy case
     procs = [subprocess.Popen([sys.executable, "-m", "zar", "train", *TINY, "--epochs", "2", "--seed", str(i)],

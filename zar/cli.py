@@ -18,6 +18,13 @@ from .variants import VARIANTS
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
+HELP = {
+    "data": "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class",
+    "split_seed": "seed of the train/validation split, the same for every architecture",
+    "se_reduction": "SE reduction ratio r (se, se_mish)",
+    "skip_bad_images": "leave unreadable images out (listed in skipped_images.txt) instead of stopping",
+    "workers": "data-loader worker processes",
+}
 
 
 def config_options(fn):
@@ -26,12 +33,12 @@ def config_options(fn):
         dashed, under = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         names = [dashed] if dashed == under else [dashed, under]
         if f.type == "bool":
-            option = click.option(*names, f.name, is_flag=True, default=None,
-                                  help=f"Set '{f.name}' (see params/default.yaml).")
+            option = click.option(*names, f.name, is_flag=True, default=None, help=HELP[f.name].capitalize() + ".")
         else:
             kind = click.Choice(CHOICES[f.name]) if f.name in CHOICES else CLICK_TYPES[f.type]
+            what = HELP.get(f.name, f"'{f.name}'")
             option = click.option(*names, f.name, type=kind, default=None,
-                                  help=f"Override '{f.name}' (default {f.default}).")
+                                  help=f"Override {what} (default {f.default}).")
         fn = option(fn)
     fn = click.option("--params", "params_file", type=click.Path(dir_okay=False),
                       help="YAML file of config keys (e.g. params/seed.yaml); options override it.")(fn)

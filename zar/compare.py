@@ -11,12 +11,14 @@ import csv
 import io
 import json
 import math
+import re
 import statistics
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from mlflow.entities import ViewType
+from mlflow.exceptions import MlflowException
 from scipy import stats
 
 from . import tracking
@@ -29,6 +31,9 @@ SELECT = ("last", "best")
 # What may differ between runs of one table: the architecture and the training seed.
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
 GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + ["dataset", "num_classes", "split_fingerprint"]
+# One pass over the characters, so that an escape is never escaped again; a bare < prints as ¡ in LaTeX.
+LATEX_ESCAPES = str.maketrans({"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
+                               "±": r"$\pm$", "<": "$<$", ">": "$>$"})
 COLUMNS = ["Model", "Train Acc (%)", "Val Acc (%)", "Train - Val gap (pp)", "Val Acc vs baseline (pp)",
            "Params (M)", "Runs"]
 
@@ -72,6 +77,8 @@ class Fetched:
 
 def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | None = None,
                select: str = "last", include_unfinished: bool = False) -> Fetched:
+    if parent and not re.fullmatch(r"[\w-]+", parent):
+        raise ZarError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
     tracking.check_reachable()
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     clauses = [f"tags.`mlflow.parentRunId` = '{parent}'"] if parent else []
@@ -82,9 +89,11 @@ def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | 
         try:
             page = client.search_runs([experiment_id], " and ".join(clauses), ViewType.ACTIVE_ONLY,
                                       max_results=1000, page_token=token)
-        except Exception as e:  # MLflow's parse errors are long; their first line says what is wrong
-            message = getattr(e, "message", str(e)).splitlines()[0]
-            raise ZarError(f"bad --filter {filter_string!r}: {message}") from None
+        except MlflowException as e:
+            if not filter_string or e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            # MLflow's parse errors are long; their first line says what is wrong.
+            raise ZarError(f"bad --filter {filter_string!r}: {e.message.splitlines()[0]}") from None
         runs += page
         token = page.token
         if not token:
@@ -102,12 +111,22 @@ def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | 
             left_out["no metrics yet"] += 1
             continue
         params = run.data.params
-        hparams = {k: params.get(k, "") for k in GUARDED}
+        hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
         hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
         rows.append(RunRow(run.info.run_id, tags[tracking.TAG_MODEL], tags.get(tracking.TAG_DISPLAY, tags[tracking.TAG_MODEL]),
                            metrics[train_key], metrics[val_key], int(metrics.get("params_total", 0)),
                            int(params.get("depth", 34) or 34), hparams))
     return Fetched(rows, left_out)
+
+
+def _canonical(key: str, value: str) -> str:
+    """One spelling per number: 'mlflow run -P lr=1e-3' logs '1e-3' where zar logs '0.001'."""
+    if FIELD_TYPES.get(key) == "float":
+        try:
+            return str(float(value))
+        except ValueError:
+            pass
+    return value
 
 
 def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
@@ -196,12 +215,9 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
     if fmt == "json":
         return json.dumps([asdict(r) for r in table], indent=2) + "\n"
     if fmt == "latex":
-        def esc(s: str) -> str:
-            return s.replace("%", r"\%").replace("_", r"\_").replace("±", r"$\pm$")
-
         lines = [r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}", r"\hline",
-                 " & ".join(esc(c) for c in COLUMNS) + r" \\", r"\hline"]
-        lines += [" & ".join(esc(c) for c in _cells(r)) + r" \\" for r in table]
+                 " & ".join(c.translate(LATEX_ESCAPES) for c in COLUMNS) + r" \\", r"\hline"]
+        lines += [" & ".join(c.translate(LATEX_ESCAPES) for c in _cells(r)) + r" \\" for r in table]
         lines += [r"\hline", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
     raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")

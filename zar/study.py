@@ -36,9 +36,9 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
         raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
     load_data(cfg)  # a bad data path fails now, not after the first architecture has trained
     tracking.check_reachable()
-    env_run_id = os.environ.get("MLFLOW_RUN_ID")
-    experiment_id = None if env_run_id else tracking.get_experiment_id(experiment)
-    parent = mlflow.start_run(run_id=env_run_id, experiment_id=experiment_id, run_name=f"study-{len(models)}x{len(seeds)}")
+    # Under 'mlflow run' the parent run exists already, in MLflow's chosen experiment.
+    experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else tracking.get_experiment_id(experiment)
+    parent = tracking.start_run(experiment_id, f"study-{len(models)}x{len(seeds)}")
     run_id = parent.info.run_id
     with training._closing_run(run_id):
         tracking.set_tags(run_id, {tracking.TAG_STUDY: "1", "mlflow.runName": f"study-{len(models)}x{len(seeds)}",
@@ -55,21 +55,25 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
                     message = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
                     failures.append(f"{model} seed {seed}: {message}")
                     echo(f"{model} seed {seed} failed: {message}")
-        table = _report(run_id, parent.info.experiment_id, results, baseline, echo)
+        table = _report(run_id, parent.info.experiment_id, results, models, baseline, echo)
         if failures:
             raise training.TrainingFailed(f"{len(failures)} of {len(models) * len(seeds)} runs failed: "
                                           + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
 
 
-def _report(run_id: str, experiment_id: str, results: list, baseline: str, echo) -> list[compare.TableRow]:
+def _report(run_id: str, experiment_id: str, results: list, models: list[str], baseline: str,
+            echo) -> list[compare.TableRow]:
     """The table from what MLflow recorded (as ``zar compare`` would read it), saved in the parent run."""
     experiment = tracking.client().get_experiment(experiment_id).name
     fetched = compare.fetch_runs(experiment, parent=run_id)
     if not fetched.rows:
         return []
     names = {r.name for r in fetched.rows}
-    base = baseline if any(r.model == baseline for r in fetched.rows) else fetched.rows[0].model
+    finished = {r.model for r in fetched.rows}
+    base = baseline if baseline in finished else next((m for m in models if m in finished), min(finished))
+    if base != baseline:
+        echo(f"No {baseline} run finished: the table compares to {base} instead.")
     table = compare.build_table(fetched.rows, base)
     markdown = compare.render(table, "markdown")
     with tempfile.TemporaryDirectory() as tmp:

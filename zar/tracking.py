@@ -130,6 +130,21 @@ def process_alive(tags: dict[str, str]) -> bool | None:
         return False
 
 
+def start_run(experiment_id: str | None, run_name: str, nested: bool = False, run_id: str | None = None):
+    """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
+
+    MLflow clears MLFLOW_RUN_ID only when it reads the variable itself; left set, a nested
+    child would reopen the adopted run, and a late error would be blamed on an unadopted run.
+    """
+    if run_id is None and not nested:
+        run_id = os.environ.get("MLFLOW_RUN_ID")
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                           run_name=None if run_id else run_name, nested=nested)
+    if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
+        del os.environ["MLFLOW_RUN_ID"]
+    return run
+
+
 @_retry_locked
 def log_params(run_id: str, params: dict) -> None:
     """Log params, leaving alone those already logged with the same meaning.

@@ -65,26 +65,25 @@ def _user_error(fn, *args):
 
 def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
           progress: bool = True, echo: Callable[[str], None] = click.echo) -> TrainingResult:
-    """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active)."""
+    """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
+
+    Mistakes (unknown model, bad data) raise ZarError before any run exists.
+    """
+    variant = _user_error(get_variant, model_name)
+    device = _user_error(resolve_device, cfg.device)
+    data = load_data(cfg)
+    tracking.check_reachable()
     nested = mlflow.active_run() is not None
-    env_run_id = None if nested else os.environ.get("MLFLOW_RUN_ID")
-    try:
-        variant = _user_error(get_variant, model_name)
-        device = _user_error(resolve_device, cfg.device)
-        data = load_data(cfg)
-        tracking.check_reachable()
-        if nested:  # a study's child lives in its parent's experiment
-            experiment_id = mlflow.active_run().info.experiment_id
-        else:
-            experiment_id = None if env_run_id else tracking.get_experiment_id(experiment)
-    except ZarError as e:
-        if env_run_id:
-            tracking.fail_env_run(e.message)
-        raise
+    if nested:  # a study's child lives in its parent's experiment
+        experiment_id = mlflow.active_run().info.experiment_id
+    elif os.environ.get("MLFLOW_RUN_ID"):  # 'mlflow run' made the run, in its experiment
+        experiment_id = None
+    else:
+        experiment_id = tracking.get_experiment_id(experiment)
 
     display = variant.display_name(cfg.depth, cfg.se_reduction)
     run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
-    run = mlflow.start_run(run_id=env_run_id, experiment_id=experiment_id, run_name=run_name, nested=nested)
+    run = tracking.start_run(experiment_id, run_name, nested)
     run_id = run.info.run_id
     with _closing_run(run_id):
         tracking.set_tags(run_id, {
@@ -136,7 +135,7 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = cli
         raise ZarError(f"the data of run {run_id} changed since it started (validation set "
                        f"{data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead")
 
-    run = mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None)
+    run = tracking.start_run(None, "", nested=mlflow.active_run() is not None, run_id=run_id)
     with _closing_run(run_id):
         tracking.set_tags(run_id, {**tracking.process_tags(), tracking.TAG_DEVICE: str(device)})
         client = tracking.client()
@@ -192,7 +191,8 @@ def _closing_run(run_id: str):
         raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
                           f"'zar train --resume {run_id}'") from None
     except BaseException as e:
-        tracking.end_run(run_id, FAILED, f"{type(e).__name__}: {e}")
+        reason = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
+        tracking.end_run(run_id, FAILED, reason)
         raise
     else:
         tracking.end_run(run_id, FINISHED)
