@@ -14,11 +14,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from conftest import ROOT, TINY
+from zar.config import FIELD_TYPES
 
 EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
-END_METRICS = ["best_val_acc", "best_epoch", "params_total", "params_trainable"]
+END_METRICS = ["best_val_acc", "best_epoch", "train_acc_at_best", "params_total", "params_trainable"]
 PARAMS = ["lr", "batch_size", "epochs", "optimizer", "weight_decay", "seed", "val_ratio", "image_size",
-          "workers", "model", "depth", "dataset", "num_classes", "device"]
+          "workers", "model", "depth", "dataset", "num_classes", "device", *FIELD_TYPES]
 ARTIFACTS = ["confusion_matrix.png", "confusion_matrix.json", "acc_curve.png", "loss_curve.png",
              "classification_report.json", "config.yaml"]
 
@@ -52,7 +53,7 @@ def assert_complete_run(run, model, epochs, n_val):
     for key in END_METRICS:
         assert key in metrics, key
     assert metrics["params_total"] == metrics["params_trainable"] > 0
-    assert tags["zar.model"] == model
+    assert tags["zar.model"] == model and tags["zar.device"] == "cpu"
     assert len(tags["zar.split_fingerprint"]) == 16
     assert model.replace("_", "") in run.info.run_name.replace("_", "")
     names = {a.path for a in client.list_artifacts(run_id)}
@@ -239,3 +240,26 @@ def test_mlflow_run_bad_input_ends_that_run_failed_with_reason(store, tmp_path):
     run = only_run()
     assert run.info.status == "FAILED"
     assert "unknown model 'resnext'" in run.data.tags["zar.error"]
+
+
+def test_mlflow_style_underscore_options_and_bool_values(store, zar):
+    """`mlflow run -P skip_bad_images=true -P image_size=16` arrives as `--skip_bad_images true --image_size 16`."""
+    result = zar("train", *TINY, "--skip_bad_images", "true", "--image_size", "12")
+    assert result.exit_code == 0, result.output
+    params = only_run().data.params
+    assert params["skip_bad_images"] == "True" and params["image_size"] == "12"
+
+
+def test_unexpected_errors_are_one_line_too(store, tmp_path):
+    """Not a user mistake, still no traceback: resuming from a checkpoint file that is garbage."""
+    from conftest import zar_subprocess
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("zar"))
+    garbage = tmp_path / "last.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    client.set_tag(run.info.run_id, "zar.checkpoint", str(garbage))
+    client.set_terminated(run.info.run_id, "KILLED")
+    proc = zar_subprocess("train", "--resume", run.info.run_id, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr

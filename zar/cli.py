@@ -32,8 +32,9 @@ def config_options(fn):
     for f in reversed(fields(TrainConfig)):
         dashed, under = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         names = [dashed] if dashed == under else [dashed, under]
-        if f.type == "bool":
-            option = click.option(*names, f.name, is_flag=True, default=None, help=HELP[f.name].capitalize() + ".")
+        if f.type == "bool":  # a flag; the underscore spelling takes a value, as `mlflow run -P key=true` passes it
+            fn = click.option(under, f"{f.name}_value", type=click.BOOL, default=None, hidden=True)(fn)
+            option = click.option(dashed, f.name, is_flag=True, default=None, help=HELP[f.name].capitalize() + ".")
         else:
             kind = click.Choice(CHOICES[f.name]) if f.name in CHOICES else CLICK_TYPES[f.type]
             what = HELP.get(f.name, f"'{f.name}'")
@@ -46,8 +47,10 @@ def config_options(fn):
     @functools.wraps(fn)
     def wrapper(params_file, **kwargs):
         overrides = {f.name: kwargs.pop(f.name) for f in fields(TrainConfig)}
-        if overrides.get("data") == "":  # MLproject's way of saying "not given"
-            overrides["data"] = None
+        for f in fields(TrainConfig):
+            if f.type == "bool":
+                value = kwargs.pop(f"{f.name}_value")
+                overrides[f.name] = overrides[f.name] if value is None else value
         return fn(cfg_loader=lambda: load_config(params_file, overrides), **kwargs)
 
     return wrapper
@@ -69,6 +72,9 @@ class ZarGroup(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:  # bare `zar`: the help, not an error
+            click.echo(e.ctx.get_help())
+            sys.exit(0)
         except click.UsageError as e:
             where = e.ctx.command_path if e.ctx else "zar"
             message, exit_code = f"{e.format_message()} (see '{where} --help')", e.exit_code
@@ -76,6 +82,10 @@ class ZarGroup(click.Group):
             message, exit_code = e.format_message(), e.exit_code
         except click.Abort:
             message, exit_code = "aborted", 130
+        except Exception as e:  # not a user mistake: still one line (ZAR_DEBUG=1 shows the traceback)
+            if os.environ.get("ZAR_DEBUG"):
+                raise
+            message, exit_code = f"{type(e).__name__}: {e}".splitlines()[0], 1
         else:
             sys.exit(code if isinstance(code, int) else 0)
         if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
@@ -132,6 +142,8 @@ def train(model_name, cfg_loader, experiment, resume_run, no_progress):
 
 def _csv(kind):
     def parse(ctx, param, value):
+        if value is None:
+            return []
         try:
             return [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
@@ -142,21 +154,25 @@ def _csv(kind):
 @cli.command()
 @click.option("--models", default=",".join(VARIANTS), show_default=True, callback=_csv(str),
               help="Comma-separated architectures to train.")
-@click.option("--seeds", default="42", show_default=True, callback=_csv(int),
-              help="Comma-separated training seeds; several give mean ± std per architecture.")
+@click.option("--seeds", callback=_csv(int),
+              help="Comma-separated training seeds; several give mean ± std per architecture.  [default: --seed]")
 @click.option("--baseline", default="resnet", show_default=True, help="Architecture the others are compared to.")
 @config_options
 @experiment_option
 @no_progress_option
 def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
-    """Train every architecture (and seed) as child runs of one parent run, then print the table."""
+    """Run the whole study and print its table.
+
+    Every architecture and seed trains as a child of one parent run, which keeps the table and charts.
+    """
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from .study import run_study
 
-    if not models or not seeds:
-        raise click.BadParameter("needs at least one model and one seed")
     cfg = cfg_loader()
+    seeds = seeds or [cfg.seed]
+    if not models:
+        raise click.BadParameter("needs at least one model", param_hint="--models")
     result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
@@ -176,7 +192,11 @@ def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
 @click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
 def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output, include_unfinished, strict):
-    """Print the study's table (one row per architecture) from the MLflow runs."""
+    """Print the study's table from the MLflow runs.
+
+    One row per architecture; several runs of one (seeds) give mean ± std and a Welch t-test
+    against the baseline.
+    """
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import compare
 
@@ -219,7 +239,10 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
 @click.option("--stale", is_flag=True, help="Only RUNNING runs whose process on this machine is gone.")
 @click.option("--mark-failed", is_flag=True, help="With --stale: close those runs as FAILED.")
 def runs(experiment, stale, mark_failed):
-    """List zar's runs; find (and close) runs left RUNNING by a dead process."""
+    """List runs; find and close those whose process died.
+
+    A run killed with SIGKILL stays RUNNING in MLflow: --stale lists such runs of this machine.
+    """
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from .train import FAILED, RUNNING

@@ -24,7 +24,7 @@ from scipy import stats
 from . import tracking
 from .config import FIELD_TYPES
 from .errors import ZarError
-from .models import VARIANTS
+from .variants import VARIANTS
 
 FORMATS = ("markdown", "csv", "json", "latex")
 SELECT = ("last", "best")
@@ -172,7 +172,8 @@ def build_table(rows: list[RunRow], baseline: str = "resnet") -> list[TableRow]:
         is_base = name == base_name
         delta = None if is_base else vm - statistics.fmean(base_val)
         p = None
-        if not is_base and len(val) >= 2 and len(base_val) >= 2:
+        # Two constant samples make t infinite: no evidence either way, so no p-value.
+        if not is_base and len(val) >= 2 and len(base_val) >= 2 and (vs or statistics.stdev(base_val)):
             with warnings.catch_warnings():  # nearly equal samples: scipy warns, the p-value stands
                 warnings.simplefilter("ignore", RuntimeWarning)
                 p = float(stats.ttest_ind(val, base_val, equal_var=False).pvalue)

@@ -34,7 +34,8 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
         training._user_error(get_variant, m)
     if baseline not in models:
         raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
-    load_data(cfg)  # a bad data path fails now, not after the first architecture has trained
+    configs = {seed: cfg.replace(seed=seed) for seed in seeds}  # a bad seed fails now, before any run
+    data = load_data(cfg)  # once for all runs: a bad folder fails now, and images are decoded once
     tracking.check_reachable()
     # Under 'mlflow run' the parent run exists already, in MLflow's chosen experiment.
     experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else tracking.get_experiment_id(experiment)
@@ -48,9 +49,9 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
         for model in models:
             for seed in seeds:
                 try:
-                    results.append(training.train(model, cfg.replace(seed=seed), experiment, progress, echo))
+                    results.append(training.train(model, configs[seed], experiment, progress, echo, data=data))
                 except training.Interrupted:
-                    raise KeyboardInterrupt from None
+                    raise  # the parent ends KILLED too
                 except Exception as e:  # the child is FAILED already; the study goes on without it
                     message = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
                     failures.append(f"{model} seed {seed}: {message}")

@@ -17,6 +17,7 @@ import warnings
 from functools import wraps
 from pathlib import Path
 from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import mlflow
 import psutil
@@ -77,7 +78,7 @@ def check_reachable(timeout: float = 5.0) -> None:
     if parsed.scheme in ("http", "https"):
         probe_server(uri, timeout)
     elif parsed.scheme == "sqlite":
-        db = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+        db = Path(url2pathname(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
         if db is None or str(db) in ("", ":memory:"):
             return
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -205,8 +206,8 @@ def fail_env_run(reason: str) -> None:
 
 def local_artifact_dir(run) -> Path | None:
     parsed = urlparse(run.info.artifact_uri)
-    if parsed.scheme in ("", "file"):
-        return Path(parsed.path if parsed.scheme else run.info.artifact_uri)
+    if parsed.scheme in ("", "file"):  # MLflow percent-encodes file URIs: "My%20Drive"
+        return Path(url2pathname(parsed.path) if parsed.scheme else run.info.artifact_uri)
     return None
 
 

@@ -64,14 +64,16 @@ def _user_error(fn, *args):
 
 
 def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
-          progress: bool = True, echo: Callable[[str], None] = click.echo) -> TrainingResult:
+          progress: bool = True, echo: Callable[[str], None] = click.echo,
+          data: DataBundle | None = None) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
-    Mistakes (unknown model, bad data) raise ZarError before any run exists.
+    Mistakes (unknown model, bad data) raise ZarError before any run exists. ``data``, when
+    given, must be what ``load_data(cfg)`` returns (a study loads it once for all its runs).
     """
     variant = _user_error(get_variant, model_name)
     device = _user_error(resolve_device, cfg.device)
-    data = load_data(cfg)
+    data = data or load_data(cfg)
     tracking.check_reachable()
     nested = mlflow.active_run() is not None
     if nested:  # a study's child lives in its parent's experiment
@@ -85,6 +87,7 @@ def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_
     run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
     run = tracking.start_run(experiment_id, run_name, nested)
     run_id = run.info.run_id
+    ckpt = tracking.checkpoint_path(run)
     with _closing_run(run_id):
         tracking.set_tags(run_id, {
             "mlflow.runName": run_name,
@@ -92,7 +95,7 @@ def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_
             tracking.TAG_DISPLAY: display,
             tracking.TAG_FINGERPRINT: data.fingerprint,
             tracking.TAG_DEVICE: str(device),
-            tracking.TAG_CHECKPOINT: str(tracking.checkpoint_path(run)),
+            tracking.TAG_CHECKPOINT: str(ckpt),
             **tracking.process_tags(),
         })
         tracking.log_params(run_id, {
@@ -106,7 +109,7 @@ def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_
         trainer = Trainer(model, data.train, data.val, cfg, device, progress)
         echo(f"{display}: run {run_id} in experiment {run.info.experiment_id}, "
              f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {device}")
-        return _fit(run, trainer, model_name, display, cfg, data, echo)
+        return _fit(run, trainer, model_name, display, cfg, data, echo, ckpt)
 
 
 def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = click.echo) -> TrainingResult:
@@ -119,8 +122,12 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = cli
     tags, status = run.data.tags, run.info.status
     if status == FINISHED:
         raise ZarError(f"run {run_id} is already FINISHED; there is nothing to resume")
-    if status == RUNNING and tracking.process_alive(tags):
+    alive = tracking.process_alive(tags)
+    if status == RUNNING and alive:
         raise ZarError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
+    if status == RUNNING and alive is None:
+        raise ZarError(f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
+                       "once its process is gone")
     ckpt = Path(tags.get(tracking.TAG_CHECKPOINT) or tracking.checkpoint_path(run))
     if not ckpt.exists():
         raise ZarError(f"run {run_id} has no checkpoint at {ckpt} (it stopped before its first epoch ended); "
@@ -151,13 +158,12 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = cli
                 tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
         display = variant.display_name(cfg.depth, cfg.se_reduction)
         echo(f"{display}: resuming run {run_id} after epoch {trainer.epoch} of {cfg.epochs}")
-        return _fit(run, trainer, model_name, display, cfg, data, echo)
+        return _fit(run, trainer, model_name, display, cfg, data, echo, ckpt)
 
 
 def _fit(run, trainer: Trainer, model_name: str, display: str, cfg: TrainConfig, data: DataBundle,
-         echo) -> TrainingResult:
+         echo, ckpt: Path) -> TrainingResult:
     run_id = run.info.run_id
-    ckpt = tracking.checkpoint_path(run)
     for r in trainer.epochs():
         save_checkpoint(ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": model_name})
         tracking.log_metrics(run_id, r.metrics(), step=r.epoch)
@@ -175,8 +181,11 @@ def _fit(run, trainer: Trainer, model_name: str, display: str, cfg: TrainConfig,
 
 @contextlib.contextmanager
 def _closing_run(run_id: str):
-    """The run ends FINISHED on success, KILLED on Ctrl-C or SIGTERM, FAILED on anything else."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    """The run ends FINISHED on success, KILLED on Ctrl-C, SIGTERM or SIGHUP, FAILED on anything else."""
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.getsignal(s) for s in stops}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
         yield
     except Diverged as e:
@@ -186,22 +195,33 @@ def _closing_run(run_id: str):
                 else "no epoch had finished, so there is no checkpoint")
         raise TrainingFailed(f"training diverged: {e}; run {run_id} marked FAILED, {kept}") from None
     except KeyboardInterrupt as e:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        _ignore(stops)  # a second Ctrl-C must not cut the cleanup short and leave the run RUNNING
         tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
         raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
                           f"'zar train --resume {run_id}'") from None
+    except Interrupted as e:  # a study's child was interrupted: the study stops too
+        _ignore(stops)
+        tracking.end_run(run_id, KILLED, e.format_message())
+        raise Interrupted(f"{e.format_message()}; study run {run_id} marked KILLED") from None
     except BaseException as e:
         reason = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
         tracking.end_run(run_id, FAILED, reason)
         raise
     else:
+        _ignore(stops)
         tracking.end_run(run_id, FINISHED)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _ignore(signals) -> None:
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
