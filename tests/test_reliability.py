@@ -39,7 +39,7 @@ def start_and_signal(sig, after_epoch=2, extra=()):
     for line in proc.stdout:
         lines.append(line)
         if line.startswith(f"epoch {after_epoch:>3}/4"):
-            time.sleep(0.3)
+            time.sleep(0.1)  # into the next epoch, well before it can end
             proc.send_signal(sig)
             break
     out, _ = proc.communicate(timeout=120)
@@ -106,6 +106,8 @@ def test_stale_runs_can_be_closed_and_resume_refuses_finished_runs(store, zar):
     assert again.exit_code == 2 and "already FINISHED" in again.output
     unknown = zar("train", "--resume", "0" * 32)
     assert unknown.exit_code == 2 and "no MLflow run with id" in unknown.output
+    mixed = zar("train", "--resume", run.info.run_id, "--epochs", "9", "--model", "se")
+    assert mixed.exit_code == 2 and "drop --epochs, --model" in mixed.output
 
 
 def test_divergence_fails_the_run_at_once_with_epoch_and_step(store, zar):

@@ -51,7 +51,12 @@ def config_options(fn):
             if f.type == "bool":
                 value = kwargs.pop(f"{f.name}_value")
                 overrides[f.name] = overrides[f.name] if value is None else value
-        return fn(cfg_loader=lambda: load_config(params_file, overrides), **kwargs)
+        def cfg_loader():
+            return load_config(params_file, overrides)
+
+        # What the user set, so that a command can refuse options it would otherwise ignore.
+        cfg_loader.given = [k for k, v in overrides.items() if v is not None] + (["params"] if params_file else [])
+        return fn(cfg_loader=cfg_loader, **kwargs)
 
     return wrapper
 
@@ -120,8 +125,7 @@ def models(depth, num_classes):
 
 
 @cli.command()
-@click.option("--model", "model_name", default="resnet", show_default=True,
-              help=f"Architecture: {', '.join(VARIANTS)}.")
+@click.option("--model", "model_name", help=f"Architecture: {', '.join(VARIANTS)}.  [default: resnet]")
 @config_options
 @experiment_option
 @click.option("--resume", "resume_run", metavar="RUN_ID",
@@ -134,9 +138,13 @@ def train(model_name, cfg_loader, experiment, resume_run, no_progress):
     from . import train as training
 
     if resume_run:
+        ignored = cfg_loader.given + (["model"] if model_name else [])
+        if ignored:
+            raise click.UsageError(f"--resume continues a run with its own settings; drop "
+                                   f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
         result = training.resume(resume_run, progress=not no_progress)
     else:
-        result = training.train(model_name, cfg_loader(), experiment, progress=not no_progress)
+        result = training.train(model_name or "resnet", cfg_loader(), experiment, progress=not no_progress)
     click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}")
 
 
