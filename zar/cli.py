@@ -253,7 +253,7 @@ def runs(experiment, stale, mark_failed):
     """
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
-    from .train import FAILED, RUNNING
+    from .tracking import FAILED, RUNNING
 
     if mark_failed and not stale:
         raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")

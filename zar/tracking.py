@@ -39,6 +39,8 @@ TAG_HOST = "zar.host"
 TAG_PROC_START = "zar.process_start"
 TAG_STUDY = "zar.study"
 TAG_DEVICE = "zar.device"
+FINISHED, FAILED, KILLED, RUNNING = (RunStatus.to_string(s) for s in
+                                     (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING))
 
 # MLflow's migrations and start-up chatter is noise on every command.
 for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils"):

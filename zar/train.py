@@ -22,7 +22,6 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from sklearn.metrics import classification_report, confusion_matrix
 
@@ -32,9 +31,7 @@ from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device
 from .errors import ZarError
 from .models import build_model, count_params, get_variant
-
-FINISHED, FAILED, KILLED, RUNNING = (RunStatus.to_string(s) for s in
-                                     (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING))
+from .tracking import FAILED, FINISHED, KILLED, RUNNING
 
 
 class TrainingFailed(click.ClickException):
