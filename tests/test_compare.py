@@ -17,7 +17,7 @@ from scipy import stats
 import zar.train
 from conftest import TINY
 from zar.cli import cli
-from zar.compare import COLUMNS, RunRow, build_table, differing_hparams, render
+from zar.compare import COLUMNS, RunRow, build_table, differing_hparams, render, repeated_seeds
 from zar.errors import ZarError
 
 HEADER = "| " + " | ".join(COLUMNS) + " |"
@@ -531,3 +531,13 @@ def test_study_nests_its_runs_under_the_run_mlflow_run_created(store, monkeypatc
     kids = children(env_run)
     assert [(k.data.tags["zar.model"], k.info.status) for k in kids] == [("resnet", "FAILED")]
     assert len(runs_of()) == 2
+
+
+def test_repeated_seeds_are_named():
+    rows = [row("resnet", "ResNet-34", 0.9, 0.8), row("resnet", "ResNet-34", 0.9, 0.8),
+            row("se", "SE-ResNet-34", 0.91, 0.82)]
+    rows[0].seed = rows[1].seed = "42"
+    rows[2].seed = "42"
+    assert repeated_seeds(rows) == ["ResNet-34 seed 42 x2"]
+    rows[1].seed = "43"
+    assert repeated_seeds(rows) == []

@@ -263,3 +263,12 @@ def test_unexpected_errors_are_one_line_too(store, tmp_path):
     proc = zar_subprocess("train", "--resume", run.info.run_id, cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_images_without_class_folders_are_named_as_such(store, zar, tmp_path):
+    folder = write_image_folder(tmp_path / "flat", classes=("a",))
+    for png in (folder / "a").iterdir():
+        png.rename(folder / png.name)
+    (folder / "a").rmdir()
+    result = zar("train", *TINY, "--data", str(folder))
+    assert result.exit_code == 2 and "holds images but no class sub-folders" in result.output

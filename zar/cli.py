@@ -145,7 +145,7 @@ def train(model_name, cfg_loader, experiment, resume_run, no_progress):
         result = training.resume(resume_run, progress=not no_progress)
     else:
         result = training.train(model_name or "resnet", cfg_loader(), experiment, progress=not no_progress)
-    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}")
+    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}  (after 'mlflow ui' in this folder)")
 
 
 def _csv(kind):
@@ -220,6 +220,12 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
         if strict:
             raise ZarError(f"runs are not comparable, they differ in {detail}")
         click.echo(f"Warning: runs differ in more than model and seed: {detail}", err=True)
+    repeated = compare.repeated_seeds(fetched.rows)
+    if repeated:
+        message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
+        if strict:
+            raise ZarError(message)
+        click.echo(f"Warning: {message} (pick them apart with --parent or --filter)", err=True)
     table = compare.build_table(fetched.rows, baseline)
     text = compare.render(table, fmt)
     usage = compare.describe_usage(len(fetched.rows), fetched.left_out)

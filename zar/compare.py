@@ -50,6 +50,7 @@ class RunRow:
     params_total: int
     depth: int = 34
     hparams: dict[str, str] = field(default_factory=dict)
+    seed: str = ""
 
 
 @dataclass
@@ -115,7 +116,7 @@ def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | 
         hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
         rows.append(RunRow(run.info.run_id, tags[tracking.TAG_MODEL], tags.get(tracking.TAG_DISPLAY, tags[tracking.TAG_MODEL]),
                            metrics[train_key], metrics[val_key], int(metrics.get("params_total", 0)),
-                           int(params.get("depth", 34) or 34), hparams))
+                           int(params.get("depth", 34) or 34), hparams, params.get("seed", "")))
     return Fetched(rows, left_out)
 
 
@@ -137,6 +138,12 @@ def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
         if len(values) > 1:
             out[key] = values
     return out
+
+
+def repeated_seeds(rows: list[RunRow]) -> list[str]:
+    """Rows holding several runs of one seed: same config, same seed, so not independent samples."""
+    counts = Counter((r.name, r.seed) for r in rows if r.seed)
+    return [f"{name} seed {seed} x{n}" for (name, seed), n in counts.items() if n > 1]
 
 
 def _order(model: str) -> int:

@@ -164,6 +164,10 @@ def _scan_folder(root: Path, skip_bad_images: bool) -> tuple[list[str], list[tup
                 )
     counts = {cls: sum(1 for _, y in samples if y == k) for k, cls in enumerate(classes)}
     classes_with_images = [c for c in classes if counts[c] > 0]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+    if not classes and loose:
+        raise DataError(f"data folder {root} holds images but no class sub-folders; "
+                        "put each class's images in a sub-folder named after the class")
     if not samples:
         raise DataError(
             f"data folder {root} has no images; expected one sub-folder per class holding "
