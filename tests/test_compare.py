@@ -254,11 +254,16 @@ def study(tmp_path_factory, empty_store) -> Study:
     return Study(folder, uri, result.output, result.exit_code, parent_id, lr_run_id)
 
 
-@pytest.fixture
-def in_study(study, monkeypatch) -> Study:
+def entered(study: Study, monkeypatch):
+    """Point MLflow at a module-scoped study's store for one test."""
     use_store(monkeypatch, study.folder, study.uri)
     yield study
     leave_store()
+
+
+@pytest.fixture
+def in_study(study, monkeypatch) -> Study:
+    yield from entered(study, monkeypatch)
 
 
 def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
@@ -472,9 +477,7 @@ def failed_study(tmp_path_factory, empty_store) -> Study:
 
 @pytest.fixture
 def in_failed_study(failed_study, monkeypatch) -> Study:
-    use_store(monkeypatch, failed_study.folder, failed_study.uri)
-    yield failed_study
-    leave_store()
+    yield from entered(failed_study, monkeypatch)
 
 
 def test_study_goes_on_past_a_failed_child_and_ends_failed(in_failed_study):
