@@ -23,6 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def image_cache_dir(tmp_path_factory) -> Path:
+    """zar's decoded-image cache goes to a temporary folder, never to ~/.cache/zar.
+
+    Session-wide, so module-scoped fixtures that load image folders use it too; the cache is
+    keyed by content, so tests sharing it cannot see each other's images.
+    """
+    path = tmp_path_factory.mktemp("zar-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ZAR_CACHE_DIR", str(path))  # subprocesses that tests start inherit it
+        yield path
+
+
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
     """An initialised MLflow database, made once: creating its tables takes seconds."""
