@@ -6,15 +6,17 @@ import functools
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import click
 
 from .config import DEVICES, OPTIMIZERS, TrainConfig, load_config
 from .errors import ZarError
 from .store import DEFAULT_EXPERIMENT, probe_server
-from .variants import VARIANTS
+from .variants import VARIANTS, get_variant
 
-# torch and MLflow take seconds to import: commands import what they use when they run.
+# torch and MLflow take seconds to import: commands import what they use when they run, and
+# check first everything a user can get wrong that needs neither, so that a typo costs no wait.
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
 CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
@@ -124,6 +126,30 @@ def models(depth, num_classes):
         click.echo(f"| {name} | {variant.display_name(depth)} | {n:,} |")
 
 
+def _known_model(name: str) -> str:
+    """``name`` if it is an architecture; get_variant's message otherwise, as a user mistake (exit 2)."""
+    try:
+        get_variant(name)
+    except ValueError as e:
+        raise ZarError(str(e)) from None
+    return name
+
+
+def _check_data_path(data: str) -> None:
+    """The cheap half of zar.data's checks (the path exists and is a folder), before torch loads.
+
+    zar.data makes the same two checks, with the same words, for callers other than this CLI,
+    then the deep ones (class folders, readable images), which need the images opened.
+    """
+    if data in ("digits", "synthetic"):
+        return
+    root = Path(data)
+    if not root.exists():
+        raise ZarError(f"data folder {root} does not exist; pass an image folder, 'digits' or 'synthetic'")
+    if not root.is_dir():
+        raise ZarError(f"data path {root} is a file; pass a folder with one sub-folder per class")
+
+
 @cli.command()
 @click.option("--model", "model_name", help=f"Architecture: {', '.join(VARIANTS)}.  [default: resnet]")
 @config_options
@@ -133,18 +159,23 @@ def models(depth, num_classes):
 @no_progress_option
 def train(model_name, cfg_loader, experiment, resume_run, no_progress):
     """Train one architecture and record the run in MLflow."""
-    probe_server()  # before torch and MLflow load: a dead server is reported in a second
-    from . import tracking
-    from . import train as training
-
     if resume_run:
         ignored = cfg_loader.given + (["model"] if model_name else [])
         if ignored:
             raise click.UsageError(f"--resume continues a run with its own settings; drop "
                                    f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
+    else:
+        cfg = cfg_loader()
+        model_name = _known_model(model_name or "resnet")
+        _check_data_path(cfg.data)
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    from . import tracking
+    from . import train as training
+
+    if resume_run:
         result = training.resume(resume_run, progress=not no_progress)
     else:
-        result = training.train(model_name or "resnet", cfg_loader(), experiment, progress=not no_progress)
+        result = training.train(model_name, cfg, experiment, progress=not no_progress)
     click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}  (after 'mlflow ui' in this folder)")
 
 
@@ -173,17 +204,29 @@ def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
 
     Every architecture and seed trains as a child of one parent run, which keeps the table and charts.
     """
+    cfg = cfg_loader()
+    seeds = seeds or [cfg.seed]
+    _check_study(models, seeds, baseline, cfg)
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from .study import run_study
 
-    cfg = cfg_loader()
-    seeds = seeds or [cfg.seed]
-    if not models:
-        raise click.BadParameter("needs at least one model", param_hint="--models")
     result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
+
+
+def _check_study(models, seeds, baseline, cfg) -> None:
+    """What run_study would refuse, in its order, before torch loads (run_study checks again for other callers)."""
+    if not models:
+        raise click.BadParameter("needs at least one model", param_hint="--models")
+    for model in models:
+        _known_model(model)
+    if baseline not in models:
+        raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
+    for seed in seeds:
+        cfg.replace(seed=seed)  # a bad seed is a config error
+    _check_data_path(cfg.data)
 
 
 @cli.command(name="compare")
@@ -205,7 +248,9 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
     One row per architecture; several runs of one (seeds) give mean ± std and a Welch t-test
     against the baseline.
     """
-    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    if output and not os.path.isdir(os.path.dirname(output) or "."):  # else the table is made, then lost
+        raise click.BadParameter(f"folder {os.path.dirname(output)} does not exist", param_hint="--output")
+    probe_server()  # before MLflow loads: a dead server is reported in a second
     from . import compare
 
     fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
@@ -257,21 +302,20 @@ def runs(experiment, stale, mark_failed):
 
     A run killed with SIGKILL stays RUNNING in MLflow: --stale lists such runs of this machine.
     """
-    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    if mark_failed and not stale:
+        raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")
+    probe_server()  # before MLflow loads: a dead server is reported in a second
     from . import tracking
     from .tracking import FAILED, RUNNING
 
-    if mark_failed and not stale:
-        raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")
     tracking.check_reachable()
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     found = tracking.client().search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
     rows = []
     for run in found:
         tags = run.data.tags
-        if stale:
-            if run.info.status != RUNNING or tracking.process_alive(tags) is not False:
-                continue
+        if stale and (run.info.status != RUNNING or tracking.process_alive(tags) is not False):
+            continue
         state = run.info.status
         if run.info.status == RUNNING:
             alive = tracking.process_alive(tags)
