@@ -1,0 +1,32 @@
+"""The benchmark scripts still run: each at its tiniest size, exit 0, header and ratio line printed.
+
+Only that they work is tested; their timings depend on the machine, so nothing here asserts one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], check=False,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.parametrize("script, args, ratio", [
+    ("bench_cli.py", ["--repeat", "1"], "ratio slowest mistake / `python -c pass`: "),
+    ("bench_compare.py", ["--runs", "5", "--repeat", "1"], "ratio zar compare / mlflow experiments csv: "),
+])
+def test_benchmark_runs_and_prints_its_ratio(script, args, ratio):
+    proc = run_benchmark(script, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "- machine: " in proc.stdout and "- date: " in proc.stdout and "torch " in proc.stdout
+    assert any(line.startswith(ratio) for line in proc.stdout.splitlines()), proc.stdout
