@@ -1,0 +1,367 @@
+"""A decoded-image cache for image folders: decode each image once, then train from a memory map.
+
+Why: decoding JPEGs with PIL for every image of every epoch made the data loader, not the model,
+the bottleneck on CPU, and checking that each image opens cost one more full decode per run.
+Here the first run decodes every image once, in parallel, to uint8 at the training size, into one
+memory-mapped file (a folder larger than RAM works); every later epoch and run only reads pixels.
+
+The cache is keyed by the folder's content (each file's relative path, class, size and sha256)
+and the image size, never by timestamps, so it can only be hit by the very bytes it was built
+from. Hashing reads every file, so a stat cache remembers each file's hash next to its size and
+mtime, as git's index does: an unchanged folder then costs one stat per file and no reads.
+
+Files under ``$ZAR_CACHE_DIR/images/`` (default ``~/.cache/zar/images/``):
+
+- ``v1-<digest>.npy``: N x 3 x S x S uint8, one row per file in listing order (CHW, as the model
+  takes it, so a batch needs no transpose); rows of unreadable files stay zero.
+- ``v1-<digest>.json``: its metadata (which rows are unreadable). Written last: its presence
+  means the .npy next to it is complete.
+- ``v1-<digest>.lock``: held while building, so concurrent runs build it once.
+- ``stats-<folder>.json``: one folder's stat cache.
+
+Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a
+half-written file under a name that is trusted. This module knows files and pixels only: no
+torch, no MLflow, no click, so that decoding processes start quickly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+CACHE_VERSION = 1
+# A file modified within this long before it was hashed may change again without its size or
+# mtime changing (timestamps are coarse: a few ms on Linux, 2 s on FAT), so its hash is not
+# remembered and the next run hashes it again ("racy git").
+RACY_NS = 2_000_000_000
+PARALLEL_MIN_FILES = 64  # below this, starting processes costs more than it saves
+MAX_CHUNK = 256
+# Fork on Linux, as torch's DataLoader does: spawn would re-import the caller's main script (which
+# then needs an ``if __name__ == "__main__"`` guard) and leave a resource-tracker process behind.
+# The children only hash and decode, touching no lock that the parent's threads could hold.
+_START = "fork" if sys.platform.startswith("linux") else "spawn"
+
+
+class CacheError(Exception):
+    """The cache cannot be used (unwritable folder, a file changing while read); one line."""
+
+
+class _FolderChanged(Exception):
+    """Files whose bytes differ from the hash the digest was made of."""
+
+    def __init__(self, rows: list[int]):
+        super().__init__(rows)
+        self.rows = rows
+
+
+class FileStat(NamedTuple):
+    size: int
+    mtime_ns: int
+    sha256: str  # "" when the file cannot be read: it then counts as an unreadable image
+
+
+@dataclass
+class CachedFolder:
+    """A folder's images in the cache: row i of ``pixels_path`` is ``files[i]``."""
+
+    digest: str  # sha256 hex of the folder's content and the image size
+    pixels_path: Path
+    unreadable: list[int]  # rows whose file does not decode
+    hashed: int  # files whose bytes were read to hash them (0 when the stat cache knew all)
+    decoded: int  # files decoded (0 on a cache hit)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ZAR_CACHE_DIR") or Path.home() / ".cache" / "zar") / "images"
+
+
+def load(root: Path, classes: list[str], files: list[tuple[str, int]], image_size: int,
+         workers: int | None = None) -> CachedFolder:
+    """The cache of ``files`` ((path relative to ``root``, class index) in listing order).
+
+    Builds it when missing; ``workers`` processes decode (default: one per core, none for a few
+    files). Raises CacheError when the cache folder cannot be written.
+    """
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        pool = _Workers(_processes(workers, len(files)))
+        try:
+            return _load(directory, root, classes, files, image_size, pool)
+        finally:
+            pool.close()
+    except OSError as e:
+        raise CacheError(f"cannot use the image cache in {directory}: {e.strerror or e}; "
+                         "set ZAR_CACHE_DIR to a writable folder") from None
+
+
+def _load(directory: Path, root: Path, classes: list[str], files: list[tuple[str, int]],
+          image_size: int, pool: _Workers) -> CachedFolder:
+    stat_cache = StatCache(directory / f"stats-{_short_hash(os.fsencode(root.resolve()))}.json")
+    rels = [rel for rel, _ in files]
+    stats, hashed = _stats(root, rels, stat_cache, pool)
+    digest = content_digest(classes, files, stats, image_size)
+    store = _ImageStore(directory, digest)
+    unreadable, decoded = store.unreadable(), 0
+    if unreadable is None:
+        with store.locked():
+            unreadable = store.unreadable()  # another process may have built it while we waited
+            if unreadable is None:
+                try:
+                    unreadable = store.build(root, rels, stats, image_size, pool)
+                except _FolderChanged as e:
+                    # Rewritten since hashed, or rewritten keeping size and mtime: forget their hashes,
+                    # so that the next run reads them again instead of failing the same way.
+                    forget = set(e.rows)
+                    stat_cache.save({rels[i]: st for i, st in enumerate(stats) if i not in forget})
+                    raise CacheError(f"image {root / printable(rels[e.rows[0]])} changed while zar was "
+                                     "reading the folder; run again") from None
+                decoded = len(files)
+    stat_cache.save(dict(zip(rels, stats)))
+    return CachedFolder(digest, store.pixels, unreadable, hashed, decoded)
+
+
+def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat],
+                   image_size: int) -> str:
+    """sha256 over (path, class, size, sha256 of the bytes) of every file, the classes and the size.
+
+    Paths are hashed as the file system's bytes, so names that are not UTF-8 work too.
+    """
+    h = hashlib.sha256(f"zar image folder v{CACHE_VERSION}, size {image_size}\n".encode())
+    h.update(b"\0".join(os.fsencode(c) for c in classes) + b"\n")
+    for (rel, label), st in zip(files, stats):
+        h.update(b"%s\0%s\0%d\0%s\n" % (os.fsencode(rel), os.fsencode(classes[label]), st.size,
+                                         st.sha256.encode()))
+    return h.hexdigest()
+
+
+# --- hashing, paid once per file thanks to the stat cache -------------------------------------
+
+
+class StatCache:
+    """path -> (size, mtime_ns, sha256) of one folder, so that unchanged files are not read again."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.known = self._read()
+
+    def _read(self) -> dict[str, FileStat]:
+        try:
+            data = json.loads(self.path.read_text())
+            return {rel: FileStat(*entry) for rel, entry in data["files"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}  # no stat cache, or an unusable one: files get hashed again, nothing worse
+
+    def lookup(self, path: Path, rel: str) -> FileStat | None:
+        """The remembered hash when the file's size and mtime are unchanged."""
+        known = self.known.get(rel)
+        if known is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None  # gone since the listing: reading it will say so
+        return known if (st.st_size, st.st_mtime_ns) == (known.size, known.mtime_ns) else None
+
+    def save(self, stats: dict[str, FileStat]) -> None:
+        """Remembers ``stats`` (files gone from the folder are forgotten), except racy ones."""
+        now = time.time_ns()
+        trusted = {rel: list(st) for rel, st in stats.items()
+                   if st.sha256 and now - st.mtime_ns >= RACY_NS}
+        if trusted != {rel: list(st) for rel, st in self.known.items()}:
+            # ensure_ascii escapes the lone surrogates that stand for non-UTF-8 bytes in names
+            text = json.dumps({"version": CACHE_VERSION, "files": trusted}, ensure_ascii=True)
+            _write_atomic(self.path, lambda f: f.write(text.encode()))
+
+
+def _stats(root: Path, rels: list[str], stat_cache: StatCache, pool: _Workers) -> tuple[list[FileStat], int]:
+    """Each file's FileStat, from the stat cache where it is current, else by reading the file."""
+    stats = [stat_cache.lookup(root / rel, rel) for rel in rels]
+    missing = [i for i, st in enumerate(stats) if st is None]
+    parts = pool.chunks(missing)
+    jobs = [([str(root / rels[i]) for i in part],) for part in parts]
+    for part, results in zip(parts, pool.map(_hash_files, jobs)):
+        for i, st in zip(part, results):
+            stats[i] = st
+    return stats, len(missing)
+
+
+def _hash_files(paths: list[str]) -> list[FileStat]:
+    return [_hash_file(path)[0] for path in paths]
+
+
+def _hash_file(path: str) -> tuple[FileStat, bytes | None]:
+    """The file's FileStat and its bytes (None when it cannot be read), from one open."""
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())  # of the bytes read, not of an earlier listing
+            data = f.read()
+    except OSError:
+        return FileStat(-1, -1, ""), None
+    return FileStat(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()), data
+
+
+# --- the image store: one .npy of pixels and its metadata per digest -----------------------------
+
+
+class _ImageStore:
+    def __init__(self, directory: Path, digest: str):
+        stem = directory / f"v{CACHE_VERSION}-{digest}"
+        self.pixels, self.meta, self.lock = (stem.with_suffix(s) for s in (".npy", ".json", ".lock"))
+
+    def unreadable(self) -> list[int] | None:
+        """Rows that do not decode, or None when the store is not (completely) there."""
+        try:
+            meta = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return None
+        return meta["unreadable"] if self.pixels.exists() else None
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        with open(self.lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if we are killed
+            yield
+
+    def build(self, root: Path, rels: list[str], stats: list[FileStat], image_size: int,
+              pool: _Workers) -> list[int]:
+        """Decodes every file into a temporary .npy, then publishes it; returns unreadable rows."""
+        fd, tmp = tempfile.mkstemp(dir=self.pixels.parent, prefix=self.pixels.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            shape = (len(rels), 3, image_size, image_size)
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+            parts = pool.chunks(list(range(len(rels))))
+            jobs = [(tmp, part[0], [str(root / rels[i]) for i in part], image_size) for part in parts]
+            decoded = [one for result in pool.map(_decode_files, jobs) for one in result]
+            # the pixels must be of the bytes the digest names, not of a file rewritten meanwhile
+            changed = [i for i, (sha, _) in enumerate(decoded) if sha != stats[i].sha256]
+            if changed:
+                raise _FolderChanged(changed)
+            _fsync(tmp)
+            os.replace(tmp, self.pixels)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        unreadable = [i for i, (_, ok) in enumerate(decoded) if not ok]
+        meta = {"version": CACHE_VERSION, "shape": list(shape), "unreadable": unreadable}
+        _write_atomic(self.meta, lambda f: f.write(json.dumps(meta).encode()))
+        return unreadable
+
+
+def _decode_files(npy_path: str, first_row: int, paths: list[str], image_size: int) -> list[tuple[str, bool]]:
+    """Decodes ``paths`` into rows ``first_row...`` of the .npy; (sha256, decoded) of each file.
+
+    Runs in a worker process: pixels go straight into the shared file, only hashes come back.
+    """
+    pixels = np.load(npy_path, mmap_mode="r+")
+    results = []
+    for row, path in enumerate(paths, start=first_row):
+        st, data = _hash_file(path)  # hashed again: proves the pixels are of the bytes the digest names
+        image = decode(data, image_size) if data is not None else None
+        if image is not None:
+            pixels[row] = image
+        results.append((st.sha256, image is not None))
+    pixels.flush()
+    del pixels
+    return results
+
+
+def decode(data: bytes, image_size: int) -> np.ndarray | None:
+    """3 x S x S uint8 RGB, resized as torchvision's ``Resize((S, S))`` does a PIL image; None if broken."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = im.convert("RGB")  # decodes fully: a truncated file fails here
+        # Resize((S, S)) on a PIL image is PIL's bilinear resize, which antialiases when shrinking
+        resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except Exception:  # noqa: BLE001 -- PIL raises many types for broken files; all mean "unreadable"
+        return None
+    return np.asarray(resized).transpose(2, 0, 1)
+
+
+# --- processes and files ---------------------------------------------------------------------------
+
+
+def _processes(workers: int | None, n_files: int) -> int:
+    """How many processes decode: as asked, else one per usable core (one for a few files)."""
+    if workers is not None:
+        return max(1, workers)
+    if n_files < PARALLEL_MIN_FILES:
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class _Workers:
+    """Processes that hash and decode, started on first use and shared by both passes of a load."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def chunks(self, items: list[int]) -> list[list[int]]:
+        """Consecutive runs of ``items``, about four per process, so that a slow one does not stall the rest."""
+        size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (4 * self.processes))))
+        return [items[start:start + size] for start in range(0, len(items), size)]
+
+    def map(self, fn: Callable, jobs: list[tuple]) -> list:
+        """``[fn(*job) for job in jobs]``, in the processes when there is more than one job."""
+        if self.processes <= 1 or len(jobs) <= 1:
+            return [fn(*job) for job in jobs]
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.processes, mp_context=multiprocessing.get_context(_START))
+        futures = [self._pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+    def close(self) -> None:
+        if self._pool is not None:  # no process outlives the load, also on an error or Ctrl-C
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync(path.parent)  # makes the rename itself durable
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def printable(rel: str) -> str:
+    """A path as text: bytes that are not UTF-8 become \\xNN, where printing the raw name would crash."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def _short_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
