@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU machines here carry these two releases on disk; any torch 2.2+ works.
+# The CPU machines here carry these two releases on disk; any torch 2.7+ works.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install test test-slow test-all demo clean

@@ -18,6 +18,7 @@ from .errors import ZarError
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.engine)
 DEPTHS = (18, 34)  # the ResNet depths zar.models builds
 
 
@@ -41,6 +42,7 @@ class TrainConfig:
     se_reduction: int = 16
     data: str = "digits"
     device: str = "auto"
+    precision: str = "fp32"
     skip_bad_images: bool = False
 
     def __post_init__(self):
@@ -64,6 +66,7 @@ class TrainConfig:
             ("se_reduction", 1 <= self.se_reduction <= 64, "must be between 1 and 64"),
             ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
+            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
         ]
         for key, ok, rule in checks:
             if not ok:
