@@ -156,8 +156,10 @@ def _check_data_path(data: str) -> None:
 @experiment_option
 @click.option("--resume", "resume_run", metavar="RUN_ID",
               help="Continue this stopped run from its last checkpoint (other options are taken from it).")
+@click.option("--parent-run", metavar="RUN_ID", hidden=True,
+              help="Train as a child of this study run (how 'zar study --jobs' starts its children).")
 @no_progress_option
-def train(model_name, cfg_loader, experiment, resume_run, no_progress):
+def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progress):
     """Train one architecture and record the run in MLflow."""
     if resume_run:
         ignored = cfg_loader.given + (["model"] if model_name else [])
@@ -175,7 +177,7 @@ def train(model_name, cfg_loader, experiment, resume_run, no_progress):
     if resume_run:
         result = training.resume(resume_run, progress=not no_progress)
     else:
-        result = training.train(model_name, cfg, experiment, progress=not no_progress)
+        result = training.train(model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run)
     click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}  (after 'mlflow ui' in this folder)")
 
 
@@ -196,10 +198,13 @@ def _csv(kind):
 @click.option("--seeds", callback=_csv(int),
               help="Comma-separated training seeds; several give mean ± std per architecture.  [default: --seed]")
 @click.option("--baseline", default="resnet", show_default=True, help="Architecture the others are compared to.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train up to this many children at once, each in its own process (one GPU each where "
+                   "there are several; the CPU cores split between them).")
 @config_options
 @experiment_option
 @no_progress_option
-def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
+def study(models, seeds, baseline, jobs, cfg_loader, experiment, no_progress):
     """Run the whole study and print its table.
 
     Every architecture and seed trains as a child of one parent run, which keeps the table and charts.
@@ -211,7 +216,7 @@ def study(models, seeds, baseline, cfg_loader, experiment, no_progress):
     from . import tracking
     from .study import run_study
 
-    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress)
+    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
 

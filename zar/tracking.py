@@ -133,8 +133,11 @@ def process_alive(tags: dict[str, str]) -> bool | None:
         return False
 
 
-def start_run(experiment_id: str | None, run_name: str, nested: bool = False, run_id: str | None = None):
+def start_run(experiment_id: str | None, run_name: str, nested: bool = False, run_id: str | None = None,
+              parent_run_id: str | None = None):
     """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
+
+    ``parent_run_id`` names a parent held by another process (``zar study --jobs``).
 
     MLflow clears MLFLOW_RUN_ID only when it reads the variable itself; left set, a nested
     child would reopen the adopted run, and a late error would be blamed on an unadopted run.
@@ -142,7 +145,8 @@ def start_run(experiment_id: str | None, run_name: str, nested: bool = False, ru
     if run_id is None and not nested:
         run_id = os.environ.get("MLFLOW_RUN_ID")
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                           run_name=None if run_id else run_name, nested=nested)
+                           run_name=None if run_id else run_name, nested=nested and parent_run_id is None,
+                           parent_run_id=parent_run_id)
     if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
         del os.environ["MLFLOW_RUN_ID"]
     return run

@@ -1,0 +1,146 @@
+"""A study's children side by side: one ``zar train`` process each, up to ``jobs`` at once.
+
+Processes rather than threads: each child owns its interpreter, its torch threads and its
+MLflow run, exactly as ``zar train --parent-run`` would on another terminal. On two cores,
+two one-thread processes trained ResNet-34 at 32 px 1.23x faster than one two-thread process.
+Each child closes its own run; a child that dies without closing it (SIGKILL, out of memory)
+has its run marked FAILED here, so that no child is ever left RUNNING.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import Callable
+
+from . import tracking
+from .config import TrainConfig, to_yaml
+from .train import Interrupted
+
+GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
+
+
+def child_env(slot: int, jobs: int) -> dict[str, str]:
+    """Threads split evenly over the children; one GPU each, round robin, where there are several."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the parent's, never a child's
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    gpus = _gpu_count()
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
+    return env
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class Children:
+    """The live child processes, so that an interrupt reaches every one of them."""
+
+    def __init__(self):
+        self.procs: dict[tuple[str, int], subprocess.Popen] = {}
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def start(self, key, cmd, env) -> subprocess.Popen | None:
+        with self.lock:
+            if self.stopping:
+                return None
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1)
+            self.procs[key] = proc
+            return proc
+
+    def stop(self) -> None:
+        """SIGINT to each child (it ends its run KILLED), then SIGKILL to any that outlives the grace time."""
+        with self.lock:
+            self.stopping = True
+            live = [p for p in self.procs.values() if p.poll() is None]
+        for p in live:
+            p.send_signal(signal.SIGINT)
+        deadline = time.monotonic() + GRACE_S
+        for p in live:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def train_children(children: list[tuple[str, int]], configs: dict[int, TrainConfig], parent_run_id: str,
+                   experiment: str, jobs: int, echo: Callable[[str], None]) -> list[str]:
+    """Train each (model, seed) as a child process of run ``parent_run_id``; returns the failures."""
+    live = Children()
+    failures: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        params = {}
+        for seed, cfg in configs.items():
+            params[seed] = Path(tmp) / f"seed{seed}.yaml"
+            params[seed].write_text(to_yaml(cfg))
+        pool = ThreadPoolExecutor(max_workers=jobs)
+        try:
+            futures = {pool.submit(_run_child, live, i % jobs, jobs, model, seed, params[seed], parent_run_id,
+                                   experiment, echo): (model, seed)
+                       for i, (model, seed) in enumerate(children)}
+            pending = set(futures)
+            while pending:  # a timed wait, so that Ctrl-C reaches this thread at once
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for future in done:
+                    failure = future.result()
+                    if failure:
+                        failures.append(failure)
+        except KeyboardInterrupt as e:
+            live.stop()
+            raise Interrupted(f"interrupted by {str(e) or 'SIGINT'}: its running children were stopped") from None
+        except BaseException:
+            live.stop()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            _close_orphans(parent_run_id, tracking.KILLED if live.stopping else tracking.FAILED)
+    return failures
+
+
+def _run_child(live: Children, slot: int, jobs: int, model: str, seed: int, params: Path, parent_run_id: str,
+               experiment: str, echo) -> str | None:
+    cmd = [sys.executable, "-m", "zar", "train", "--model", model, "--params", str(params),
+           "--experiment", experiment, "--parent-run", parent_run_id, "--no-progress"]
+    proc = live.start((model, seed), cmd, child_env(slot, jobs))
+    if proc is None:
+        return None  # the study is stopping: this child never started
+    prefix, last_error = f"[{model} seed {seed}] ", None
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        if line.startswith("Error: "):
+            last_error = line[len("Error: "):]
+        echo(prefix + line)
+    code = proc.wait()
+    if code == 0 or live.stopping:
+        return None
+    message = last_error or f"process ended with {_describe_exit(code)}"
+    echo(f"{model} seed {seed} failed: {message}")
+    return f"{model} seed {seed}: {message}"
+
+
+def _describe_exit(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+def _close_orphans(parent_run_id: str, status: str) -> None:
+    """A child killed outright, or stopped before it took charge of its run, leaves that run RUNNING: close it."""
+    client = tracking.client()
+    parent = client.get_run(parent_run_id)
+    orphans = client.search_runs([parent.info.experiment_id],
+                                 f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for run in orphans:
+        if tracking.process_alive(run.data.tags) is not True:
+            tracking.end_run(run.info.run_id, status, "its process ended without closing the run")
