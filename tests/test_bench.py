@@ -24,6 +24,10 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("script, args, ratio", [
     ("bench_cli.py", ["--repeat", "1"], "ratio slowest mistake / `python -c pass`: "),
     ("bench_compare.py", ["--runs", "5", "--repeat", "1"], "ratio zar compare / mlflow experiments csv: "),
+    ("bench_precision.py", ["--images", "40", "--size", "32", "--steps", "1"],
+     "ratio zar (precision auto) / plain fp32 loop: "),
+    pytest.param("bench_train.py", ["--tiny", "--epochs", "1", "--repeat", "1", "--overhead-epochs", "1"],
+                 "ratio tracking+checkpoint overhead / wall: ", marks=pytest.mark.slow),
 ])
 def test_benchmark_runs_and_prints_its_ratio(script, args, ratio):
     proc = run_benchmark(script, *args)

@@ -1,0 +1,82 @@
+"""The speed choices keep results honest: precision is recorded as it ran, and compared only like with like."""
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from zar.config import load_config
+from zar.data import load_data
+from zar.engine import (AUTO_BF16_MIN_IMAGE_SIZE, EVAL_BATCH_SIZE, Trainer, evaluate, make_optimizer,
+                        native_bf16, resolve_precision)
+from zar.models import build_model
+
+TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]
+CPU = torch.device("cpu")
+
+
+def tiny_trainer(**overrides) -> Trainer:
+    cfg = load_config(overrides={"data": "synthetic", "depth": 18, "image_size": 16, "epochs": 1, **overrides})
+    data = load_data(cfg)
+    torch.manual_seed(0)
+    return Trainer(build_model("resnet", 18, len(data.classes)), data.train, data.val, cfg, CPU, progress=False)
+
+
+def params_of_all_runs():
+    client = MlflowClient()
+    return [r.data.params for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adam", "sgd"])
+def test_every_optimizer_is_the_fused_kernel(optimizer):
+    model = build_model("resnet", 18, 4)
+    assert make_optimizer(model, load_config(overrides={"optimizer": optimizer})).defaults["fused"] is True
+
+
+def test_evaluation_in_big_batches_predicts_as_the_training_batch_size_would():
+    trainer = tiny_trainer()
+    next(trainer.epochs())
+    assert trainer.val_loader.batch_size == EVAL_BATCH_SIZE
+    small = torch.utils.data.DataLoader(trainer.val_loader.dataset, batch_size=32)
+    big, reference = trainer.evaluate(), evaluate(trainer.model, small, trainer.precision)
+    assert big.y_pred == reference.y_pred and big.y_true == reference.y_true
+    assert big.loss == pytest.approx(reference.loss, rel=1e-5)
+    assert trainer.evaluate() is big  # the last epoch's evaluation is reused, not computed again
+
+
+def test_auto_precision_is_bf16_only_where_native_and_the_images_are_large():
+    big = resolve_precision("auto", CPU, AUTO_BF16_MIN_IMAGE_SIZE)
+    assert big == ("bf16" if native_bf16(CPU) else "fp32")
+    assert resolve_precision("auto", CPU, AUTO_BF16_MIN_IMAGE_SIZE - 1) == "fp32"
+    assert resolve_precision("bf16", CPU, 16) == "bf16" and resolve_precision("fp32", CPU, 224) == "fp32"
+
+
+def test_bf16_trains_in_autocast_with_channels_last():
+    trainer = tiny_trainer(precision="bf16")
+    result = next(trainer.epochs())
+    assert trainer.precision.dtype == torch.bfloat16
+    assert trainer.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert 0 <= result.val_acc <= 1 and result.train_loss == result.train_loss  # finite, not NaN
+
+
+def test_a_run_records_the_precision_that_ran_never_auto(store, zar):
+    result = zar("train", *TINY, "--precision", "auto")
+    assert result.exit_code == 0, result.output
+    (params,) = params_of_all_runs()
+    assert params["precision"] == resolve_precision("auto", CPU, 16) == "fp32"
+
+
+def test_compare_does_not_pool_runs_of_different_precision(store, zar):
+    for precision in ("fp32", "bf16"):
+        result = zar("train", *TINY, "--precision", precision)
+        assert result.exit_code == 0, result.output
+    assert sorted(p["precision"] for p in params_of_all_runs()) == ["bf16", "fp32"]
+    strict = zar("compare", "--strict")
+    assert strict.exit_code == 2 and "precision: bf16, fp32" in strict.output
+    loose = zar("compare")
+    assert loose.exit_code == 0 and "runs differ in more than model and seed: precision: bf16, fp32" in loose.stderr
+
+
+def test_unknown_precision_is_a_one_line_error(zar):
+    result = zar("train", "--precision", "fp16")
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1].startswith("Error:") and "precision" in result.output
