@@ -62,7 +62,7 @@ def whole_process(epochs: int, repeat: int, extra: list[str]) -> tuple[float, fl
 OVERHEAD = {
     "zar.tracking": ["check_reachable", "get_experiment_id", "start_run", "set_tags", "log_params",
                      "log_metrics", "end_run"],
-    "zar.train": ["save_checkpoint", "_log_datasets", "_log_results"],
+    "zar.train": ["save_checkpoint", "log_datasets", "log_results"],
 }
 
 

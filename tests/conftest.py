@@ -1,4 +1,4 @@
-"""Shared fixtures: a real MLflow SQLite store per test, and the real CLI."""
+"""Shared fixtures: a real MLflow SQLite store per test, the real CLI, and two real studies."""
 
 from __future__ import annotations
 
@@ -10,17 +10,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import pytest
-from click.testing import CliRunner
 
-from zar.cli import cli
+import zar.train
 
-ROOT = Path(__file__).resolve().parents[1]
-# The smallest real training: ResNet-18 on 96 synthetic 16 px images for one epoch.
-TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]
+from helpers import TINY, invoke, leave_store, runs_of, use_store
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -51,29 +48,94 @@ def store(tmp_path, monkeypatch, empty_store) -> str:
     """A fresh SQLite store in a temporary working folder (artifacts land in ./mlruns there)."""
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
+    use_store(monkeypatch, tmp_path, uri)
     yield uri
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
+    leave_store()
 
 
 @pytest.fixture
 def zar():
     """Invoke the real CLI in-process; returns click's Result."""
-    runner = CliRunner()
-
-    def invoke(*args: str):
-        return runner.invoke(cli, list(args), prog_name="zar")
-
     return invoke
 
 
-def zar_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None, **kwargs):
-    """Run ``python -m zar`` as a separate process (signals, concurrency, exit codes)."""
-    return subprocess.run([sys.executable, "-m", "zar", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, **kwargs)
+# --- two real studies, made once per session: the study tests and the compare tests read them ------------
+
+
+@dataclass
+class Study:
+    folder: Path
+    uri: str
+    output: str
+    exit_code: int
+    parent_id: str
+    lr_run_id: str | None = None
+
+
+def new_store(tmp_path_factory, empty_store, name: str) -> tuple[Path, str]:
+    folder = tmp_path_factory.mktemp(name)
+    shutil.copy(empty_store, folder / "mlflow.db")
+    return folder, f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def study_parent(experiment="zar"):
+    parents = runs_of(experiment, "tags.`zar.study` = '1'")
+    assert len(parents) == 1, parents
+    return parents[0]
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory, empty_store) -> Study:
+    """``zar study`` over plain and resnet with two seeds, and one resnet run with another lr beside it."""
+    folder, uri = new_store(tmp_path_factory, empty_store, "study")
+    with pytest.MonkeyPatch.context() as mp:
+        use_store(mp, folder, uri)
+        try:
+            result = invoke("study", "--models", "plain,resnet", "--seeds", "1,2", *TINY)
+            assert result.exit_code == 0, result.output
+            parent_id = study_parent().info.run_id
+            other = invoke("train", "--model", "resnet", *TINY, "--lr", "0.01")
+            assert other.exit_code == 0, other.output
+            lr_run_id = runs_of(filter_string="params.lr = '0.01'")[0].info.run_id
+        finally:
+            leave_store()
+    return Study(folder, uri, result.output, result.exit_code, parent_id, lr_run_id)
+
+
+@pytest.fixture(scope="session")
+def failed_study(tmp_path_factory, empty_store) -> Study:
+    """``zar study`` over plain and resnet where plain's run fails after its epoch (its results cannot be saved)."""
+    folder, uri = new_store(tmp_path_factory, empty_store, "failed")
+    log_results = zar.train.log_results
+
+    def failing_for_plain(job):
+        if job.model_name == "plain":
+            raise OSError(28, "No space left on device")
+        return log_results(job)
+
+    with pytest.MonkeyPatch.context() as mp:
+        use_store(mp, folder, uri)
+        mp.setattr(zar.train, "log_results", failing_for_plain)
+        try:
+            result = invoke("study", "--models", "plain,resnet", "--seeds", "1", *TINY)
+            parent_id = study_parent().info.run_id
+        finally:
+            leave_store()
+    return Study(folder, uri, result.output, result.exit_code, parent_id)
+
+
+def entered(study: Study, monkeypatch):
+    """Point MLflow at a session-wide study's store for one test."""
+    use_store(monkeypatch, study.folder, study.uri)
+    yield study
+    leave_store()
+
+
+@pytest.fixture
+def in_study(study, monkeypatch) -> Study:
+    yield from entered(study, monkeypatch)
+
+
+@pytest.fixture
+def in_failed_study(failed_study, monkeypatch) -> Study:
+    yield from entered(failed_study, monkeypatch)

@@ -1,27 +1,19 @@
-"""zar compare and zar study: the table as pure functions, then end to end on real runs."""
+"""zar compare: the table as pure functions, then end to end on the runs of real studies."""
 
 import csv
 import io
 import json
-import shutil
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 
-import mlflow
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-import zar.train
-from conftest import TINY
-from zar.cli import cli
 from zar.compare import COLUMNS, RunRow, build_table, differing_hparams, render, repeated_seeds
 from zar.errors import ZarError
 
-HEADER = "| " + " | ".join(COLUMNS) + " |"
-
+from helpers import HEADER, children, invoke
 
 # --- build_table and render on hand-made runs --------------------------------------------------------
 
@@ -183,123 +175,7 @@ def test_differing_hparams_names_the_keys_and_their_values():
     assert differing_hparams(runs) == {"lr": ["0.001", "0.01"], "split_fingerprint": ["", "abc"]}
 
 
-# --- end to end: one real study, read back by zar compare ---------------------------------------------
-
-def use_store(mp: pytest.MonkeyPatch, folder: Path, uri: str) -> None:
-    """As conftest's ``store`` fixture: this folder, this tracking URI, no run inherited from the shell."""
-    mp.chdir(folder)
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mp.delenv("MLFLOW_RUN_ID", raising=False)
-    mp.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    mlflow.set_tracking_uri(uri)
-
-
-def leave_store() -> None:
-    while mlflow.active_run():
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)
-
-
-def new_store(tmp_path_factory, empty_store, name: str) -> tuple[Path, str]:
-    folder = tmp_path_factory.mktemp(name)
-    shutil.copy(empty_store, folder / "mlflow.db")
-    return folder, f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, list(args), prog_name="zar")
-
-
-def runs_of(experiment="zar", filter_string=""):
-    client = MlflowClient()
-    exp = client.get_experiment_by_name(experiment)
-    return client.search_runs([exp.experiment_id], filter_string)
-
-
-def children(parent_id: str, experiment="zar"):
-    return runs_of(experiment, f"tags.`mlflow.parentRunId` = '{parent_id}'")
-
-
-def study_parent(experiment="zar"):
-    parents = runs_of(experiment, "tags.`zar.study` = '1'")
-    assert len(parents) == 1, parents
-    return parents[0]
-
-
-@dataclass
-class Study:
-    folder: Path
-    uri: str
-    output: str
-    exit_code: int
-    parent_id: str
-    lr_run_id: str | None = None
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory, empty_store) -> Study:
-    """``zar study`` over plain and resnet with two seeds, and one resnet run with another lr beside it."""
-    folder, uri = new_store(tmp_path_factory, empty_store, "study")
-    with pytest.MonkeyPatch.context() as mp:
-        use_store(mp, folder, uri)
-        try:
-            result = invoke("study", "--models", "plain,resnet", "--seeds", "1,2", *TINY)
-            assert result.exit_code == 0, result.output
-            parent_id = study_parent().info.run_id
-            other = invoke("train", "--model", "resnet", *TINY, "--lr", "0.01")
-            assert other.exit_code == 0, other.output
-            lr_run_id = runs_of(filter_string="params.lr = '0.01'")[0].info.run_id
-        finally:
-            leave_store()
-    return Study(folder, uri, result.output, result.exit_code, parent_id, lr_run_id)
-
-
-def entered(study: Study, monkeypatch):
-    """Point MLflow at a module-scoped study's store for one test."""
-    use_store(monkeypatch, study.folder, study.uri)
-    yield study
-    leave_store()
-
-
-@pytest.fixture
-def in_study(study, monkeypatch) -> Study:
-    yield from entered(study, monkeypatch)
-
-
-def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
-    client = MlflowClient()
-    parent = client.get_run(in_study.parent_id)
-    assert parent.info.status == "FINISHED"
-    assert "zar.model" not in parent.data.tags and parent.data.params["models"] == "plain,resnet"
-    kids = children(in_study.parent_id)
-    assert len(kids) == 4
-    assert all(k.info.status == "FINISHED" for k in kids)
-    assert sorted((k.data.tags["zar.model"], k.data.params["seed"]) for k in kids) == [
-        ("plain", "1"), ("plain", "2"), ("resnet", "1"), ("resnet", "2")]
-    assert in_study.lr_run_id not in {k.info.run_id for k in kids}
-    assert f"/runs/{in_study.parent_id}" in in_study.output
-
-
-def test_study_parent_keeps_the_table_and_two_charts(in_study):
-    client = MlflowClient()
-    pid = in_study.parent_id
-    names = {a.path for a in client.list_artifacts(pid)}
-    assert {"comparison.md", "comparison.csv"} <= names
-    charts = sorted(n for n in names if n.endswith(".png"))
-    assert charts == ["final_val_acc.png", "val_acc_per_epoch.png"]
-    for chart in charts:
-        assert Path(client.download_artifacts(pid, chart)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = Path(client.download_artifacts(pid, "comparison.md")).read_text().splitlines()
-    assert md[0] == HEADER
-    assert [line.split(" | ")[0] for line in md[2:4]] == ["| Plain-18", "| ResNet-18"]
-    assert md[-1] == "4 runs used, none left out."
-    assert HEADER in in_study.output  # the study prints the table too
-
-    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(pid, "comparison.csv")).read_text())))
-    cli_json = json.loads(invoke("compare", "--parent", pid, "--format", "json").stdout)
-    assert [r["name"] for r in table] == [r["name"] for r in cli_json]
-    for got, want in zip(table, cli_json):
-        assert float(got["val_acc_mean"]) == want["val_acc_mean"]
+# --- end to end: a real study (conftest's ``study``), read back by zar compare ---------------------------
 
 
 @pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy, on nearly equal accuracies
@@ -451,53 +327,7 @@ def test_runs_still_running_or_killed_are_counted_as_left_out(store):
     assert json.loads(result.stdout)[0]["val_acc_mean"] == pytest.approx(70.0)
 
 
-# --- a study whose child fails --------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def failed_study(tmp_path_factory, empty_store) -> Study:
-    """``zar study`` over plain and resnet where plain's run fails after its epoch (its results cannot be saved)."""
-    folder, uri = new_store(tmp_path_factory, empty_store, "failed")
-    log_results = zar.train._log_results
-
-    def failing_for_plain(*args, **kwargs):
-        if mlflow.active_run().info.run_name.startswith("plain-"):
-            raise OSError(28, "No space left on device")
-        return log_results(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        use_store(mp, folder, uri)
-        mp.setattr(zar.train, "_log_results", failing_for_plain)
-        try:
-            result = invoke("study", "--models", "plain,resnet", "--seeds", "1", *TINY)
-            parent_id = study_parent().info.run_id
-        finally:
-            leave_store()
-    return Study(folder, uri, result.output, result.exit_code, parent_id)
-
-
-@pytest.fixture
-def in_failed_study(failed_study, monkeypatch) -> Study:
-    yield from entered(failed_study, monkeypatch)
-
-
-def test_study_goes_on_past_a_failed_child_and_ends_failed(in_failed_study):
-    s = in_failed_study
-    assert s.exit_code == 1
-    assert s.output.splitlines()[-1] == ("Error: 1 of 2 runs failed: plain seed 1: "
-                                         "OSError: [Errno 28] No space left on device")
-    kids = {k.data.tags["zar.model"]: k for k in children(s.parent_id)}
-    assert kids["plain"].info.status == "FAILED"
-    assert "No space left on device" in kids["plain"].data.tags["zar.error"]
-    assert kids["resnet"].info.status == "FINISHED"
-    parent = MlflowClient().get_run(s.parent_id)
-    assert parent.info.status == "FAILED"
-    assert "1 of 2 runs failed: plain seed 1: OSError" in parent.data.tags["zar.error"]
-
-
-def test_failed_study_keeps_the_table_of_what_finished(in_failed_study):
-    md = Path(MlflowClient().download_artifacts(in_failed_study.parent_id, "comparison.md")).read_text()
-    assert "| ResNet-18 |" in md and "Plain-18" not in md
-    assert md.splitlines()[-1] == "1 runs used, 1 left out (1 FAILED; --include-unfinished counts unfinished runs)."
+# --- a study whose child failed --------------------------------------------------------------------------
 
 
 def test_compare_leaves_the_failed_run_out_unless_asked(in_failed_study):
@@ -514,26 +344,7 @@ def test_compare_leaves_the_failed_run_out_unless_asked(in_failed_study):
     assert result.stderr == "2 runs used, none left out.\n"
 
 
-# --- a study inside 'mlflow run': MLflow made the parent run ------------------------------------------------
-
-def test_study_nests_its_runs_under_the_run_mlflow_run_created(store, monkeypatch):
-    client = MlflowClient()
-    env_run = client.create_run(client.create_experiment("zar")).info.run_id
-    monkeypatch.setenv("MLFLOW_RUN_ID", env_run)
-
-    def no_model(*args, **kwargs):  # the child fails at once: what matters here is where its run lives
-        raise RuntimeError("no model today")
-
-    monkeypatch.setattr(zar.train, "build_model", no_model)
-    result = invoke("study", "--models", "resnet", "--seeds", "3", *TINY)
-    assert result.exit_code == 1
-    assert result.output.splitlines()[-1] == "Error: 1 of 1 runs failed: resnet seed 3: RuntimeError: no model today"
-    parent = client.get_run(env_run)
-    assert parent.data.tags["zar.study"] == "1" and "zar.model" not in parent.data.tags
-    assert parent.info.status == "FAILED" and "1 of 1 runs failed" in parent.data.tags["zar.error"]
-    kids = children(env_run)
-    assert [(k.data.tags["zar.model"], k.info.status) for k in kids] == [("resnet", "FAILED")]
-    assert len(runs_of()) == 2
+# --- seeds ---------------------------------------------------------------------------------------------
 
 
 def test_repeated_seeds_are_named():

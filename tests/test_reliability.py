@@ -16,15 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, zar_subprocess
+from helpers import TINY, epochs, zar_subprocess
+from helpers import all_runs as runs
 
 METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
-FOUR_EPOCHS = [a if a != "1" else "4" for a in TINY]  # TINY with --epochs 4
-
-
-def runs():
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+FOUR_EPOCHS = epochs(4)
 
 
 def history(run_id, key):

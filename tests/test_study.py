@@ -1,21 +1,104 @@
-"""zar study --jobs: children side by side in processes of their own, the same record as one by one."""
+"""zar study: one parent run with a child per model and seed, its table and charts, failures and
+interruptions; in one process, and with --jobs in processes of their own."""
 
+import csv
+import io
 import json
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY, zar_subprocess
+import zar.train
 
-THREE_EPOCHS = [a if a != "1" else "3" for a in TINY]  # TINY with --epochs 3
+from helpers import HEADER, TINY, children, epochs, invoke, runs_of, zar_subprocess
+from helpers import all_runs as runs
+
+THREE_EPOCHS = epochs(3)
 
 
-def runs():
+# --- one study in this process (conftest's ``study`` and ``failed_study``) ------------------------------
+
+def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
     client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+    parent = client.get_run(in_study.parent_id)
+    assert parent.info.status == "FINISHED"
+    assert "zar.model" not in parent.data.tags and parent.data.params["models"] == "plain,resnet"
+    kids = children(in_study.parent_id)
+    assert len(kids) == 4
+    assert all(k.info.status == "FINISHED" for k in kids)
+    assert sorted((k.data.tags["zar.model"], k.data.params["seed"]) for k in kids) == [
+        ("plain", "1"), ("plain", "2"), ("resnet", "1"), ("resnet", "2")]
+    assert in_study.lr_run_id not in {k.info.run_id for k in kids}
+    assert f"/runs/{in_study.parent_id}" in in_study.output
+
+
+def test_study_parent_keeps_the_table_and_two_charts(in_study):
+    client = MlflowClient()
+    pid = in_study.parent_id
+    names = {a.path for a in client.list_artifacts(pid)}
+    assert {"comparison.md", "comparison.csv"} <= names
+    charts = sorted(n for n in names if n.endswith(".png"))
+    assert charts == ["final_val_acc.png", "val_acc_per_epoch.png"]
+    for chart in charts:
+        assert Path(client.download_artifacts(pid, chart)).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = Path(client.download_artifacts(pid, "comparison.md")).read_text().splitlines()
+    assert md[0] == HEADER
+    assert [line.split(" | ")[0] for line in md[2:4]] == ["| Plain-18", "| ResNet-18"]
+    assert md[-1] == "4 runs used, none left out."
+    assert HEADER in in_study.output  # the study prints the table too
+
+    table = list(csv.DictReader(io.StringIO(Path(client.download_artifacts(pid, "comparison.csv")).read_text())))
+    cli_json = json.loads(invoke("compare", "--parent", pid, "--format", "json").stdout)
+    assert [r["name"] for r in table] == [r["name"] for r in cli_json]
+    for got, want in zip(table, cli_json):
+        assert float(got["val_acc_mean"]) == want["val_acc_mean"]
+
+
+def test_study_goes_on_past_a_failed_child_and_ends_failed(in_failed_study):
+    s = in_failed_study
+    assert s.exit_code == 1
+    assert s.output.splitlines()[-1] == ("Error: 1 of 2 runs failed: plain seed 1: "
+                                         "OSError: [Errno 28] No space left on device")
+    kids = {k.data.tags["zar.model"]: k for k in children(s.parent_id)}
+    assert kids["plain"].info.status == "FAILED"
+    assert "No space left on device" in kids["plain"].data.tags["zar.error"]
+    assert kids["resnet"].info.status == "FINISHED"
+    parent = MlflowClient().get_run(s.parent_id)
+    assert parent.info.status == "FAILED"
+    assert "1 of 2 runs failed: plain seed 1: OSError" in parent.data.tags["zar.error"]
+
+
+def test_failed_study_keeps_the_table_of_what_finished(in_failed_study):
+    md = Path(MlflowClient().download_artifacts(in_failed_study.parent_id, "comparison.md")).read_text()
+    assert "| ResNet-18 |" in md and "Plain-18" not in md
+    assert md.splitlines()[-1] == "1 runs used, 1 left out (1 FAILED; --include-unfinished counts unfinished runs)."
+
+
+def test_study_nests_its_runs_under_the_run_mlflow_run_created(store, monkeypatch):
+    client = MlflowClient()
+    env_run = client.create_run(client.create_experiment("zar")).info.run_id
+    monkeypatch.setenv("MLFLOW_RUN_ID", env_run)
+
+    def no_model(*args, **kwargs):  # the child fails at once: what matters here is where its run lives
+        raise RuntimeError("no model today")
+
+    monkeypatch.setattr(zar.train, "build_model", no_model)
+    result = invoke("study", "--models", "resnet", "--seeds", "3", *TINY)
+    assert result.exit_code == 1
+    assert result.output.splitlines()[-1] == "Error: 1 of 1 runs failed: resnet seed 3: RuntimeError: no model today"
+    parent = client.get_run(env_run)
+    assert parent.data.tags["zar.study"] == "1" and "zar.model" not in parent.data.tags
+    assert parent.info.status == "FAILED" and "1 of 1 runs failed" in parent.data.tags["zar.error"]
+    kids = children(env_run)
+    assert [(k.data.tags["zar.model"], k.info.status) for k in kids] == [("resnet", "FAILED")]
+    assert len(runs_of()) == 2
+
+
+# --- zar study --jobs ------------------------------------------------------------------------------------
 
 
 def table(parent_id: str) -> list[dict]:

@@ -13,8 +13,9 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import ROOT, TINY
 from zar.config import FIELD_TYPES
+
+from helpers import ROOT, TINY, all_runs, zar_subprocess
 
 EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
 END_METRICS = ["best_val_acc", "best_epoch", "train_acc_at_best", "params_total", "params_trainable"]
@@ -30,11 +31,6 @@ def only_run(experiment="zar"):
     runs = client.search_runs([exp.experiment_id]) if exp else []
     assert len(runs) == 1, [r.info.run_id for r in runs]
     return runs[0]
-
-
-def all_runs():
-    client = MlflowClient()
-    return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
 def assert_complete_run(run, model, epochs, n_val):
@@ -175,7 +171,7 @@ def test_skip_bad_images_logs_their_list(store, zar, tmp_path):
     (["--epochs", "x"], "'x' is not a valid integer"),
     (["--optimizer", "lion"], "'lion' is not one of 'adamw', 'adam', 'sgd'"),
     (["--bogus", "1"], "No such option '--bogus'. (see 'zar train --help')"),
-    (["--device", "cuda"] if not torch.cuda.is_available() else ["--model", "nope"], "no CUDA GPU" if not torch.cuda.is_available() else "unknown model"),
+    (["--model", "nope"], "unknown model") if torch.cuda.is_available() else (["--device", "cuda"], "no CUDA GPU"),
 ])
 def test_bad_options_are_one_line_exit_2_and_no_run(store, zar, args, message):
     result = zar("train", *TINY, *args)
@@ -224,6 +220,17 @@ def test_mlflow_run_train_entry_point_makes_one_complete_run(store, tmp_path):
     assert_complete_run(run, "mish", epochs=1, n_val=20)
 
 
+def test_mlflow_run_honours_the_params_file(store, tmp_path):
+    """Only what must be is declared in MLproject, so no declared default overrides the file."""
+    params = tmp_path / "tiny.yaml"
+    params.write_text("epochs: 1\ndata: synthetic\ndepth: 18\nimage_size: 16\n")
+    proc = mlflow_run("-e", "train", "-P", f"params={params}", cwd=tmp_path, uri=store)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = only_run()
+    assert run.data.params["epochs"] == "1" and run.data.params["image_size"] == "16"
+    assert run.info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_mlflow_run_per_variant_entry_point(store, tmp_path):
     proc = mlflow_run("-e", "se_mish", *TINY_P, cwd=tmp_path, uri=store)
@@ -252,8 +259,6 @@ def test_mlflow_style_underscore_options_and_bool_values(store, zar):
 
 def test_unexpected_errors_are_one_line_too(store, tmp_path):
     """Not a user mistake, still no traceback: resuming from a checkpoint file that is garbage."""
-    from conftest import zar_subprocess
-
     client = MlflowClient()
     run = client.create_run(client.create_experiment("zar"))
     garbage = tmp_path / "last.pt"

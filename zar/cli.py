@@ -6,27 +6,20 @@ import functools
 import os
 import sys
 from dataclasses import fields
-from pathlib import Path
 
 import click
 
-from .config import DEVICES, OPTIMIZERS, TrainConfig, load_config
-from .errors import ZarError
+from .checks import check_data_path, check_study, known_model
+from .config import TrainConfig, load_config
+from .errors import ZarException
 from .store import DEFAULT_EXPERIMENT, probe_server
-from .variants import VARIANTS, get_variant
+from .variants import DEPTHS, VARIANTS
 
 # torch and MLflow take seconds to import: commands import what they use when they run, and
-# check first everything a user can get wrong that needs neither, so that a typo costs no wait.
+# check first everything a user can get wrong that needs neither (zar.checks), so that a typo
+# costs no wait.
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
-CHOICES = {"optimizer": OPTIMIZERS, "device": DEVICES}
-HELP = {
-    "data": "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class",
-    "split_seed": "seed of the train/validation split, the same for every architecture",
-    "se_reduction": "SE reduction ratio r (se, se_mish)",
-    "skip_bad_images": "leave unreadable images out (listed in skipped_images.txt) instead of stopping",
-    "workers": "data-loader worker processes",
-}
 
 
 def config_options(fn):
@@ -34,14 +27,16 @@ def config_options(fn):
     for f in reversed(fields(TrainConfig)):
         dashed, under = f"--{f.name.replace('_', '-')}", f"--{f.name}"
         names = [dashed] if dashed == under else [dashed, under]
+        text, choices = f.metadata["help"], f.metadata["choices"]
+        text = text[0].upper() + text[1:]
         if f.type == "bool":  # a flag; the underscore spelling takes a value, as `mlflow run -P key=true` passes it
             fn = click.option(under, f"{f.name}_value", type=click.BOOL, default=None, hidden=True)(fn)
-            option = click.option(dashed, f.name, is_flag=True, default=None, help=HELP[f.name].capitalize() + ".")
+            option = click.option(dashed, f.name, is_flag=True, default=None, help=f"{text}.")
         else:
-            kind = click.Choice(CHOICES[f.name]) if f.name in CHOICES else CLICK_TYPES[f.type]
-            what = HELP.get(f.name, f"'{f.name}'")
-            option = click.option(*names, f.name, type=kind, default=None,
-                                  help=f"Override {what} (default {f.default}).")
+            # Choices of text are click's to refuse; numbers (depth) are the config's, with its message.
+            kind = click.Choice(choices) if choices and f.type == "str" else CLICK_TYPES[f.type]
+            among = f"{', '.join(map(str, choices))}; " if choices and f.type != "str" else ""
+            option = click.option(*names, f.name, type=kind, default=None, help=f"{text} ({among}default {f.default}).")
         fn = option(fn)
     fn = click.option("--params", "params_file", type=click.Path(dir_okay=False),
                       help="YAML file of config keys (e.g. params/seed.yaml); options override it.")(fn)
@@ -87,6 +82,8 @@ class ZarGroup(click.Group):
             message, exit_code = f"{e.format_message()} (see '{where} --help')", e.exit_code
         except click.ClickException as e:
             message, exit_code = e.format_message(), e.exit_code
+        except ZarException as e:
+            message, exit_code = str(e), e.exit_code
         except click.Abort:
             message, exit_code = "aborted", 130
         except Exception as e:  # not a user mistake: still one line (ZAR_DEBUG=1 shows the traceback)
@@ -96,7 +93,7 @@ class ZarGroup(click.Group):
         else:
             sys.exit(code if isinstance(code, int) else 0)
         if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
-            from .tracking import fail_env_run
+            from .runs import fail_env_run
 
             fail_env_run(message)
         click.echo(f"Error: {message}", err=True)
@@ -113,7 +110,7 @@ def cli():
 
 
 @cli.command()
-@click.option("--depth", type=click.Choice(["18", "34"]), default="34", show_default=True)
+@click.option("--depth", type=click.Choice([str(d) for d in DEPTHS]), default=str(DEPTHS[-1]), show_default=True)
 @click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True)
 def models(depth, num_classes):
     """List the architectures and their parameter counts."""
@@ -124,30 +121,6 @@ def models(depth, num_classes):
     for name, variant in VARIANTS.items():
         n = count_params(build_model(name, depth, num_classes))["params_total"]
         click.echo(f"| {name} | {variant.display_name(depth)} | {n:,} |")
-
-
-def _known_model(name: str) -> str:
-    """``name`` if it is an architecture; get_variant's message otherwise, as a user mistake (exit 2)."""
-    try:
-        get_variant(name)
-    except ValueError as e:
-        raise ZarError(str(e)) from None
-    return name
-
-
-def _check_data_path(data: str) -> None:
-    """The cheap half of zar.data's checks (the path exists and is a folder), before torch loads.
-
-    zar.data makes the same two checks, with the same words, for callers other than this CLI,
-    then the deep ones (class folders, readable images), which need the images opened.
-    """
-    if data in ("digits", "synthetic"):
-        return
-    root = Path(data)
-    if not root.exists():
-        raise ZarError(f"data folder {root} does not exist; pass an image folder, 'digits' or 'synthetic'")
-    if not root.is_dir():
-        raise ZarError(f"data path {root} is a file; pass a folder with one sub-folder per class")
 
 
 @cli.command()
@@ -168,8 +141,8 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
                                    f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
     else:
         cfg = cfg_loader()
-        model_name = _known_model(model_name or "resnet")
-        _check_data_path(cfg.data)
+        model_name = known_model(model_name or "resnet").name
+        check_data_path(cfg.data)
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from . import train as training
@@ -225,13 +198,10 @@ def _check_study(models, seeds, baseline, cfg) -> None:
     """What run_study would refuse, in its order, before torch loads (run_study checks again for other callers)."""
     if not models:
         raise click.BadParameter("needs at least one model", param_hint="--models")
-    for model in models:
-        _known_model(model)
-    if baseline not in models:
-        raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
+    check_study(models, baseline)
     for seed in seeds:
         cfg.replace(seed=seed)  # a bad seed is a config error
-    _check_data_path(cfg.data)
+    check_data_path(cfg.data)
 
 
 @cli.command(name="compare")
@@ -259,23 +229,9 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
     from . import compare
 
     fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
-    if not fetched.rows:
-        raise ZarError(f"no finished zar runs in experiment '{experiment}'"
-                       + (f" under parent {parent}" if parent else "")
-                       + (f" matching {filter_string!r}" if filter_string else "")
-                       + (f" ({compare.describe_usage(0, fetched.left_out)})" if fetched.left_out else ""))
-    differing = compare.differing_hparams(fetched.rows)
-    if differing:
-        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
-        if strict:
-            raise ZarError(f"runs are not comparable, they differ in {detail}")
-        click.echo(f"Warning: runs differ in more than model and seed: {detail}", err=True)
-    repeated = compare.repeated_seeds(fetched.rows)
-    if repeated:
-        message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
-        if strict:
-            raise ZarError(message)
-        click.echo(f"Warning: {message} (pick them apart with --parent or --filter)", err=True)
+    compare.require_rows(fetched, experiment, parent, filter_string)
+    for warning in compare.check_comparable(fetched.rows, strict):
+        click.echo(f"Warning: {warning}", err=True)
     table = compare.build_table(fetched.rows, baseline)
     text = compare.render(table, fmt)
     usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
@@ -289,13 +245,7 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
         click.echo(f"Wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
-    env_run = os.environ.get("MLFLOW_RUN_ID")
-    if env_run:  # under 'mlflow run -e compare' the table is kept in that run too
-        import mlflow
-
-        with mlflow.start_run(run_id=env_run):
-            mlflow.set_tag("zar.compare", "1")
-            mlflow.log_text(text, f"comparison.{ {'markdown': 'md', 'latex': 'tex'}.get(fmt, fmt) }")
+    compare.keep_in_env_run(text, fmt)
 
 
 @cli.command()
@@ -310,20 +260,20 @@ def runs(experiment, stale, mark_failed):
     if mark_failed and not stale:
         raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")
     probe_server()  # before MLflow loads: a dead server is reported in a second
+    from . import runs as run_life
     from . import tracking
     from .tracking import FAILED, RUNNING
 
     tracking.check_reachable()
     experiment_id = tracking.get_experiment_id(experiment, create=False)
-    found = tracking.client().search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
     rows = []
-    for run in found:
+    for run in tracking.latest_runs(experiment_id):
         tags = run.data.tags
-        if stale and (run.info.status != RUNNING or tracking.process_alive(tags) is not False):
+        if stale and not run_life.is_stale(run):
             continue
         state = run.info.status
         if run.info.status == RUNNING:
-            alive = tracking.process_alive(tags)
+            alive = run_life.process_alive(tags)
             state += {True: " (process alive)", False: " (process gone)", None: " (other machine)"}[alive]
         val = run.data.metrics.get("val_acc")
         rows.append((run.info.run_id, tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-"),
@@ -336,7 +286,7 @@ def runs(experiment, stale, mark_failed):
         click.echo("| " + " | ".join(row) + " |")
     if mark_failed:
         for run_id, *_ in rows:
-            tracking.end_run(run_id, FAILED, "process gone: closed by 'zar runs --stale --mark-failed'")
+            run_life.end(run_id, FAILED, "process gone: closed by 'zar runs --stale --mark-failed'")
         click.echo(f"Marked {len(rows)} run(s) FAILED; 'zar train --resume RUN_ID' continues one from its checkpoint.")
 
 

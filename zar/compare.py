@@ -11,22 +11,22 @@ import csv
 import io
 import json
 import math
+import os
 import re
 import statistics
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from mlflow.entities import ViewType
-from mlflow.exceptions import MlflowException
 from scipy import stats
 
-from . import tracking
+from . import runs, tracking
 from .config import FIELD_TYPES
 from .errors import ZarError
 from .variants import VARIANTS
 
 FORMATS = ("markdown", "csv", "json", "latex")
+EXTENSIONS = {"markdown": "md", "csv": "csv", "json": "json", "latex": "tex"}
 SELECT = ("last", "best")
 # What may differ between runs of one table: the architecture and the training seed.
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
@@ -78,46 +78,76 @@ class Fetched:
 
 def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | None = None,
                select: str = "last", include_unfinished: bool = False) -> Fetched:
+    """The runs to compare, as rows, and how many were left out for which reason."""
     if parent and not re.fullmatch(r"[\w-]+", parent):
         raise ZarError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
     tracking.check_reachable()
     experiment_id = tracking.get_experiment_id(experiment, create=False)
-    clauses = [f"tags.`mlflow.parentRunId` = '{parent}'"] if parent else []
+    clauses = [tracking.children_filter(parent)] if parent else []
     if filter_string:
         clauses.append(filter_string)
-    client, runs, token = tracking.client(), [], None
-    while True:
-        try:
-            page = client.search_runs([experiment_id], " and ".join(clauses), ViewType.ACTIVE_ONLY,
-                                      max_results=1000, page_token=token)
-        except MlflowException as e:
-            if not filter_string or e.error_code != "INVALID_PARAMETER_VALUE":
-                raise
-            # MLflow's parse errors are long; their first line says what is wrong.
-            raise ZarError(f"bad --filter {filter_string!r}: {e.message.splitlines()[0]}") from None
-        runs += page
-        token = page.token
-        if not token:
-            break
     rows, left_out = [], Counter()
-    for run in runs:
-        tags, metrics = run.data.tags, run.data.metrics
-        if tracking.TAG_MODEL not in tags:
+    for run in tracking.search_runs(experiment_id, " and ".join(clauses), user_filter=filter_string):
+        if tracking.TAG_MODEL not in run.data.tags:
             continue  # a study parent or a run of another tool
-        if run.info.status != "FINISHED" and not include_unfinished:
-            left_out[run.info.status] += 1
-            continue
-        train_key, val_key = ("train_acc", "val_acc") if select == "last" else ("train_acc_at_best", "best_val_acc")
-        if train_key not in metrics or val_key not in metrics:
-            left_out["no metrics yet"] += 1
-            continue
-        params = run.data.params
-        hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
-        hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
-        rows.append(RunRow(run.info.run_id, tags[tracking.TAG_MODEL], tags.get(tracking.TAG_DISPLAY, tags[tracking.TAG_MODEL]),
-                           metrics[train_key], metrics[val_key], int(metrics.get("params_total", 0)),
-                           int(params.get("depth", 34) or 34), hparams, params.get("seed", "")))
+        row = run_row(run, select, include_unfinished)
+        if isinstance(row, RunRow):
+            rows.append(row)
+        else:
+            left_out[row] += 1
     return Fetched(rows, left_out)
+
+
+def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunRow | str:
+    """One training run as a row of the table, or why it is left out."""
+    tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
+    if run.info.status != tracking.FINISHED and not include_unfinished:
+        return run.info.status
+    train_key, val_key = ("train_acc", "val_acc") if select == "last" else ("train_acc_at_best", "best_val_acc")
+    if train_key not in metrics or val_key not in metrics:
+        return "no metrics yet"
+    hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
+    hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
+    model = tags[tracking.TAG_MODEL]
+    return RunRow(run.info.run_id, model, tags.get(tracking.TAG_DISPLAY, model), metrics[train_key], metrics[val_key],
+                  int(metrics.get("params_total", 0)), int(params.get("depth", 34) or 34), hparams,
+                  params.get("seed", ""))
+
+
+def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_string: str | None) -> None:
+    """No row to compare is a mistake: say where zar looked and what it left out."""
+    if not fetched.rows:
+        raise ZarError(f"no finished zar runs in experiment '{experiment}'"
+                       + (f" under parent {parent}" if parent else "")
+                       + (f" matching {filter_string!r}" if filter_string else "")
+                       + (f" ({describe_usage(0, fetched.left_out)})" if fetched.left_out else ""))
+
+
+def check_comparable(rows: list[RunRow], strict: bool) -> list[str]:
+    """Why the table may mislead, as warnings; with ``strict`` the first reason refuses the table."""
+    warnings = []
+    differing = differing_hparams(rows)
+    if differing:
+        detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
+        if strict:
+            raise ZarError(f"runs are not comparable, they differ in {detail}")
+        warnings.append(f"runs differ in more than model and seed: {detail}")
+    repeated = repeated_seeds(rows)
+    if repeated:
+        message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
+        if strict:
+            raise ZarError(message)
+        warnings.append(f"{message} (pick them apart with --parent or --filter)")
+    return warnings
+
+
+def keep_in_env_run(text: str, fmt: str) -> None:
+    """Under ``mlflow run -e compare``, the table is kept in the run MLflow made for it."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    run = runs.start(tracking.DEFAULT_EXPERIMENT, "compare")  # adopts MLflow's run
+    with runs.closing(run.info.run_id, {tracking.TAG_COMPARE: "1"}):
+        tracking.log_text(run.info.run_id, text, f"comparison.{EXTENSIONS[fmt]}")
 
 
 def _canonical(key: str, value: str) -> str:
@@ -235,4 +265,5 @@ def describe_usage(used: int, left_out: Counter) -> str:
     if not left_out:
         return f"{used} runs used, none left out."
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(left_out.items()))
-    return f"{used} runs used, {sum(left_out.values())} left out ({reasons}; --include-unfinished counts unfinished runs)."
+    return (f"{used} runs used, {sum(left_out.values())} left out "
+            f"({reasons}; --include-unfinished counts unfinished runs).")

@@ -1,49 +1,57 @@
 """The training configuration: one frozen dataclass, loaded from YAML, validated once.
 
 The field names are the public names: YAML keys, ``--option`` names (with dashes),
-MLflow params and the columns ``zar compare`` reads all use them.
+MLflow params and the columns ``zar compare`` reads all use them. Each field carries its
+help text and, where the values are few, its choices: ``zar train --help`` is made from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import ZarError
+from .variants import DEPTHS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.engine)
-DEPTHS = (18, 34)  # the ResNet depths zar.models builds
 
 
 class ConfigError(ZarError):
     pass
 
 
+def key(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A config field: its default, the help ``--help`` shows, and its choices where there are few."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    lr: float = 1e-3
-    batch_size: int = 32
-    epochs: int = 10
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-4
-    seed: int = 42
-    split_seed: int = 42
-    val_ratio: float = 0.2
-    image_size: int = 32
-    workers: int = 0
-    depth: int = 34
-    se_reduction: int = 16
-    data: str = "digits"
-    device: str = "auto"
-    precision: str = "fp32"
-    skip_bad_images: bool = False
+    lr: float = key(1e-3, "learning rate")
+    batch_size: int = key(32, "training batch size")
+    epochs: int = key(10, "number of training epochs")
+    optimizer: str = key("adamw", "optimizer", OPTIMIZERS)
+    weight_decay: float = key(1e-4, "weight decay of the optimizer")
+    seed: int = key(42, "training seed: weight init and batch order")
+    split_seed: int = key(42, "seed of the train/validation split, the same for every architecture")
+    val_ratio: float = key(0.2, "share of the images held out for validation")
+    image_size: int = key(32, "side in pixels that images are resized to")
+    workers: int = key(0, "data-loader worker processes")
+    depth: int = key(34, "ResNet depth", DEPTHS)
+    se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)")
+    data: str = key("digits", "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one "
+                              "sub-folder per class")
+    device: str = key("auto", "where to train (auto: cuda when there is a GPU)", DEVICES)
+    precision: str = key("fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)",
+                         PRECISIONS)
+    skip_bad_images: bool = key(False, "leave unreadable images out (listed in skipped_images.txt) instead of stopping")
 
     def __post_init__(self):
         for f in fields(self):
@@ -75,7 +83,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **overrides: Any) -> "TrainConfig":
+    def replace(self, **overrides: Any) -> TrainConfig:
         return from_dict({**self.to_dict(), **overrides})
 
 

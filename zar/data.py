@@ -23,17 +23,14 @@ from torch.utils.data._utils.collate import default_collate_fn_map
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import imagecache
+from .checks import check_data_path
 from .config import TrainConfig
-from .errors import ZarError
+from .errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 SYNTHETIC_CLASSES = 4
 SYNTHETIC_PER_CLASS = 24
-
-
-class DataError(ZarError):
-    pass
 
 
 @dataclass
@@ -213,10 +210,19 @@ default_collate_fn_map[_BatchRow] = _collate_rows  # torch's documented way to e
 
 def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     """The class sub-folders and every image file under them, as (relative path, class index)."""
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass an image folder, 'digits' or 'synthetic'")
-    if not root.is_dir():
-        raise DataError(f"data path {root} is a file; pass a folder with one sub-folder per class")
+    check_data_path(str(root))
+    classes, files = _scan_folder(root)
+    if not files:
+        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+        if not classes and loose:
+            raise DataError(f"data folder {root} holds images but no class sub-folders; "
+                            "put each class's images in a sub-folder named after the class")
+        raise _no_images(root)
+    return classes, files
+
+
+def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The ImageFolder layout: one sub-folder per class (hidden ones aside), image files at any depth below."""
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = [
         (str(p.relative_to(root)), label)
@@ -224,12 +230,6 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         for p in sorted((root / cls).rglob("*"))
         if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
     ]
-    if not files:
-        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
-        if not classes and loose:
-            raise DataError(f"data folder {root} holds images but no class sub-folders; "
-                            "put each class's images in a sub-folder named after the class")
-        raise _no_images(root)
     return classes, files
 
 

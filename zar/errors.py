@@ -1,7 +1,52 @@
-"""The one exception type for user mistakes: it becomes a one-line message and exit code 2."""
+"""zar's exceptions: plain Python, each with the exit code it ends the process with.
 
-import click
+Nothing here knows about click: ``zar.cli`` alone turns them into one-line messages.
+"""
 
 
-class ZarError(click.ClickException):
+class ZarException(Exception):
+    """Any failure zar explains itself: its message is the one line the user reads."""
+
+    exit_code = 1
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class ZarError(ZarException):
+    """A user mistake (a bad name, value, path or run id): exit code 2."""
+
     exit_code = 2
+
+
+class DataError(ZarError):
+    """The data cannot be used as given (missing folder, unreadable images, too few classes)."""
+
+
+class TrainingFailed(ZarException):
+    """Training ran and failed (diverged, or a study's child failed): exit code 1.
+
+    ``reason`` is what the run's ``zar.error`` tag says, when it differs from the message;
+    ``tags`` are set on the run before it is closed.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, reason: str | None = None, tags: dict[str, str] | None = None):
+        super().__init__(message)
+        self.reason = reason or message
+        self.tags = tags or {}
+
+
+class Interrupted(ZarException):
+    """Stopped by a signal (Ctrl-C, SIGTERM, SIGHUP): exit code 130."""
+
+    exit_code = 130
+
+
+def describe(error: BaseException) -> str:
+    """One line for a study's list of failures or a run's ``zar.error`` tag: the message, or type and message."""
+    if isinstance(error, ZarException):
+        return str(error)
+    return f"{type(error).__name__}: {error}"

@@ -8,15 +8,14 @@ torchvision's ``resnet34`` so that ``ResNet-34`` here has exactly its parameter 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from .variants import VARIANTS, Variant, get_variant  # noqa: F401  (re-exported)
+from .variants import STAGE_BLOCKS, VARIANTS, Variant, get_variant  # noqa: F401  (re-exported)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish}
-STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # = config.DEPTHS
 STAGE_WIDTHS = (64, 128, 256, 512)
 
 
@@ -105,21 +104,18 @@ class ResNet(nn.Module):
         self.bn1 = nn.BatchNorm2d(64)
         self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-
-        stages, in_ch = [], 64
+        in_ch, stages = 64, []
         for i, (blocks, width) in enumerate(zip(STAGE_BLOCKS[depth], STAGE_WIDTHS)):
-            stride = 1 if i == 0 else 2
-            layers = []
-            for b in range(blocks):
-                layers.append(BasicBlock(in_ch, width, stride if b == 0 else 1, skip, act_layer, attn_layer))
-                in_ch = width
-            stages.append(nn.Sequential(*layers))
+            stages.append(_make_stage(in_ch, width, blocks, 1 if i == 0 else 2, skip, act_layer, attn_layer))
+            in_ch = width
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_ch, num_classes)
+        self.init_weights()
 
-        # torchvision's init: He init for convs (fan_out keeps the backward signal's scale),
-        # BN as the identity; the linear head keeps PyTorch's default.
+    def init_weights(self) -> None:
+        """torchvision's init: He init for convs (fan_out keeps the backward signal's scale),
+        BN as the identity; the linear head keeps PyTorch's default."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -131,6 +127,14 @@ class ResNet(nn.Module):
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _make_stage(in_channels: int, width: int, blocks: int, stride: int, skip: bool, act_layer: type[nn.Module],
+                attn_layer: Callable[[int], nn.Module] | None) -> nn.Sequential:
+    """One stage: its first block changes width and stride, the others keep them."""
+    layers = [BasicBlock(in_channels, width, stride, skip, act_layer, attn_layer)]
+    layers += [BasicBlock(width, width, 1, skip, act_layer, attn_layer) for _ in range(blocks - 1)]
+    return nn.Sequential(*layers)
 
 
 def build_model(name: str, depth: int = 34, num_classes: int = 10, se_reduction: int = 16) -> ResNet:

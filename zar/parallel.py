@@ -16,13 +16,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
 
-from . import tracking
+from . import runs, tracking
 from .config import TrainConfig, to_yaml
-from .train import Interrupted
+from .errors import Interrupted
 
 GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
 
@@ -106,7 +106,7 @@ def train_children(children: list[tuple[str, int]], configs: dict[int, TrainConf
             raise
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            _close_orphans(parent_run_id, tracking.KILLED if live.stopping else tracking.FAILED)
+            runs.close_orphans(parent_run_id, tracking.KILLED if live.stopping else tracking.FAILED)
     return failures
 
 
@@ -134,13 +134,3 @@ def _run_child(live: Children, slot: int, jobs: int, model: str, seed: int, para
 def _describe_exit(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
 
-
-def _close_orphans(parent_run_id: str, status: str) -> None:
-    """A child killed outright, or stopped before it took charge of its run, leaves that run RUNNING: close it."""
-    client = tracking.client()
-    parent = client.get_run(parent_run_id)
-    orphans = client.search_runs([parent.info.experiment_id],
-                                 f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
-    for run in orphans:
-        if tracking.process_alive(run.data.tags) is not True:
-            tracking.end_run(run.info.run_id, status, "its process ended without closing the run")

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import click
-import mlflow
-
-from . import compare, parallel, plots, tracking
+from . import compare, parallel, plots, runs, tracking
 from . import train as training
+from .checks import check_study
 from .config import TrainConfig
 from .data import load_data
-from .errors import ZarError
-from .models import get_variant
+from .errors import Interrupted, TrainingFailed, describe
 
 
 @dataclass
@@ -29,25 +25,19 @@ class StudyResult:
 
 def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
               baseline: str = "resnet", progress: bool = True,
-              echo: Callable[[str], None] = click.echo, jobs: int = 1) -> StudyResult:
+              echo: Callable[[str], None] = training.print_line, jobs: int = 1) -> StudyResult:
     """Train every model with every seed as children of one parent run, then report the table.
 
     ``jobs > 1`` trains up to that many children at once, each in a process of its own.
     """
-    for m in models:
-        training._user_error(get_variant, m)
-    if baseline not in models:
-        raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
+    check_study(models, baseline)
     configs = {seed: cfg.replace(seed=seed) for seed in seeds}  # a bad seed fails now, before any run
     data = load_data(cfg)  # once for all runs: a bad folder fails now, and images are decoded once
     tracking.check_reachable()
-    # Under 'mlflow run' the parent run exists already, in MLflow's chosen experiment.
-    experiment_id = None if os.environ.get("MLFLOW_RUN_ID") else tracking.get_experiment_id(experiment)
-    parent = tracking.start_run(experiment_id, f"study-{len(models)}x{len(seeds)}")
+    run_name = f"study-{len(models)}x{len(seeds)}"
+    parent = runs.start(experiment, run_name)  # under 'mlflow run', the run it made
     run_id = parent.info.run_id
-    with training._closing_run(run_id):
-        tracking.set_tags(run_id, {tracking.TAG_STUDY: "1", "mlflow.runName": f"study-{len(models)}x{len(seeds)}",
-                                   **tracking.process_tags()})
+    with runs.closing(run_id, {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name}):
         tracking.log_params(run_id, {**cfg.to_dict(), "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
                                      "jobs": jobs})
         children = [(model, seed) for model in models for seed in seeds]
@@ -57,7 +47,7 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
             failures = _train_in_process(children, configs, experiment, progress, echo, data)
         table = _report(run_id, parent.info.experiment_id, models, baseline, echo)
         if failures:
-            raise training.TrainingFailed(f"{len(failures)} of {len(children)} runs failed: " + "; ".join(failures))
+            raise TrainingFailed(f"{len(failures)} of {len(children)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
 
 
@@ -66,10 +56,10 @@ def _train_in_process(children, configs, experiment, progress, echo, data) -> li
     for model, seed in children:
         try:
             training.train(model, configs[seed], experiment, progress, echo, data=data)
-        except training.Interrupted:
+        except Interrupted:
             raise  # the parent ends KILLED too
         except Exception as e:  # the child is FAILED already; the study goes on without it
-            message = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
+            message = describe(e)
             failures.append(f"{model} seed {seed}: {message}")
             echo(f"{model} seed {seed} failed: {message}")
     return failures
@@ -77,7 +67,7 @@ def _train_in_process(children, configs, experiment, progress, echo, data) -> li
 
 def _report(run_id: str, experiment_id: str, models: list[str], baseline: str, echo) -> list[compare.TableRow]:
     """The table from what MLflow recorded (as ``zar compare`` would read it), saved in the parent run."""
-    experiment = tracking.client().get_experiment(experiment_id).name
+    experiment = tracking.experiment_name(experiment_id)
     fetched = compare.fetch_runs(experiment, parent=run_id)
     if not fetched.rows:
         return []
@@ -90,19 +80,18 @@ def _report(run_id: str, experiment_id: str, models: list[str], baseline: str, e
     markdown = compare.render(table, "markdown")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        (out / "comparison.md").write_text(markdown + "\n" + compare.describe_usage(len(fetched.rows), fetched.left_out) + "\n")
+        usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
+        (out / "comparison.md").write_text(f"{markdown}\n{usage}\n")
         (out / "comparison.csv").write_text(compare.render(table, "csv"))
         several_seeds = len(fetched.rows) > len(names)
-        client = tracking.client()
         series = {(f"{r.name} seed {r.seed}" if several_seeds else r.name):
-                  [{"epoch": m.step, "val_acc": m.value}
-                   for m in sorted(client.get_metric_history(r.run_id, "val_acc"), key=lambda m: m.step)]
+                  [{"epoch": step, "val_acc": value} for step, value in tracking.metric_history(r.run_id, "val_acc")]
                   for r in fetched.rows}
         plots.val_acc_per_epoch(series, out / "val_acc_per_epoch.png")
         plots.final_val_acc_bars([r.name for r in table], [r.val_acc_mean for r in table],
                                  [r.val_acc_std if r.val_acc_std is not None else 0.0 for r in table],
                                  out / "final_val_acc.png")
-        mlflow.log_artifacts(tmp)
+        tracking.log_artifacts(run_id, tmp)
     echo("")
     echo(markdown)
     echo(compare.describe_usage(len(fetched.rows), fetched.left_out))

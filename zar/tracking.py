@@ -1,4 +1,8 @@
-"""Everything zar says to MLflow: the store, experiments, run lifecycle, params and metrics.
+"""Everything zar says to MLflow: no other zar module imports it.
+
+The store, experiments, runs (started, searched, closed), params, metrics, tags, datasets,
+artifacts and the model; MLflow's tag names and run states as constants. When a run starts and
+how it ends is zar.runs' business; this module only carries out the calls.
 
 The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` when set, otherwise MLflow's
 default (SQLite ``mlflow.db`` in the working folder, artifacts under ``./mlruns``), so
@@ -10,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import socket
 import sqlite3
 import time
 import warnings
@@ -20,8 +23,8 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
-import psutil
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+import pandas as pd
+from mlflow.entities import Metric, Param, RunStatus, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
@@ -39,6 +42,10 @@ TAG_HOST = "zar.host"
 TAG_PROC_START = "zar.process_start"
 TAG_STUDY = "zar.study"
 TAG_DEVICE = "zar.device"
+TAG_DIVERGED = "zar.diverged_at"
+TAG_COMPARE = "zar.compare"
+TAG_RUN_NAME = "mlflow.runName"
+TAG_PARENT = "mlflow.parentRunId"
 FINISHED, FAILED, KILLED, RUNNING = (RunStatus.to_string(s) for s in
                                      (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING))
 
@@ -96,6 +103,22 @@ def client() -> MlflowClient:
     return MlflowClient()
 
 
+def active_run():
+    """The run this process has open through MLflow's fluent API, or None."""
+    return mlflow.active_run()
+
+
+def get_run(run_id: str):
+    try:
+        return client().get_run(run_id)
+    except MlflowException:
+        raise ZarError(f"no MLflow run with id '{run_id}' at {tracking_uri()}") from None
+
+
+def experiment_name(experiment_id: str) -> str:
+    return client().get_experiment(experiment_id).name
+
+
 def get_experiment_id(name: str, create: bool = True) -> str:
     c = client()
     exp = _retry_locked(c.get_experiment_by_name)(name)
@@ -114,23 +137,6 @@ def get_experiment_id(name: str, create: bool = True) -> str:
             f"'mlflow experiments restore --experiment-id {exp.experiment_id}' or pass another --experiment"
         )
     return exp.experiment_id
-
-
-def process_tags() -> dict[str, str]:
-    """Who is running this run: lets ``zar runs --stale`` tell a dead process from a live one."""
-    proc = psutil.Process()
-    return {TAG_PID: str(proc.pid), TAG_HOST: socket.gethostname(), TAG_PROC_START: f"{proc.create_time():.2f}"}
-
-
-def process_alive(tags: dict[str, str]) -> bool | None:
-    """True/False for a run started on this host; None when it was started elsewhere."""
-    if tags.get(TAG_HOST) != socket.gethostname() or TAG_PID not in tags:
-        return None
-    try:
-        proc = psutil.Process(int(tags[TAG_PID]))
-        return f"{proc.create_time():.2f}" == tags.get(TAG_PROC_START) and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, ValueError):
-        return False
 
 
 def start_run(experiment_id: str | None, run_name: str, nested: bool = False, run_id: str | None = None,
@@ -163,13 +169,13 @@ def log_params(run_id: str, params: dict) -> None:
     fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
     clashes = [k for k, v in params.items() if k in existing and not _same(existing[k], v)]
     if clashes:
-        warnings.warn(f"params already logged with other values kept as they are: {', '.join(clashes)}")
+        warnings.warn(f"params already logged with other values kept as they are: {', '.join(clashes)}", stacklevel=2)
     for i in range(0, len(fresh), 100):
         client().log_batch(run_id, params=fresh[i : i + 100])
 
 
 def _same(logged: str, value) -> bool:
-    if logged == str(value):
+    if logged in ("", str(value)):  # "": an MLproject default that leaves the value to zar
         return True
     try:
         return float(logged) == float(value)
@@ -200,16 +206,6 @@ def end_run(run_id: str, status: str, error: str | None = None) -> None:
         client().set_terminated(run_id, status)
 
 
-def fail_env_run(reason: str) -> None:
-    """Under ``mlflow run`` the run exists before zar starts: an early error must still close it."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
-    if run_id:
-        try:
-            end_run(run_id, RunStatus.to_string(RunStatus.FAILED), reason)
-        except Exception:  # the original error is what the user needs to see
-            pass
-
-
 def local_artifact_dir(run) -> Path | None:
     parsed = urlparse(run.info.artifact_uri)
     if parsed.scheme in ("", "file"):  # MLflow percent-encodes file URIs: "My%20Drive"
@@ -232,3 +228,94 @@ def runs_url(experiment_id: str, run_id: str | None = None) -> str:
     if run_id:
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+# --- reading runs back ---------------------------------------------------------------------------
+
+
+def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | None = None) -> list:
+    """Every active run of the experiment that matches, page by page.
+
+    ``user_filter`` is the part of ``filter_string`` the user typed: when MLflow cannot parse
+    it, that is a user mistake, said in one line.
+    """
+    runs, token = [], None
+    while True:
+        try:
+            page = client().search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
+                                        max_results=1000, page_token=token)
+        except MlflowException as e:
+            if not user_filter or e.error_code != "INVALID_PARAMETER_VALUE":
+                raise
+            # MLflow's parse errors are long; their first line says what is wrong.
+            raise ZarError(f"bad --filter {user_filter!r}: {e.message.splitlines()[0]}") from None
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def latest_runs(experiment_id: str, max_results: int = 1000) -> list:
+    """The experiment's runs, newest first."""
+    return client().search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=max_results)
+
+
+def children_filter(parent_run_id: str) -> str:
+    return f"tags.`{TAG_PARENT}` = '{parent_run_id}'"
+
+
+def children(parent_run_id: str, status: str | None = None) -> list:
+    """The child runs of ``parent_run_id``, in its experiment; only those in ``status`` when given."""
+    parent = client().get_run(parent_run_id)
+    where = children_filter(parent_run_id) + (f" and attributes.status = '{status}'" if status else "")
+    return client().search_runs([parent.info.experiment_id], where)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of ``key``, by step."""
+    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
+
+
+@_retry_locked
+def delete_tag(run_id: str, key: str) -> None:
+    client().delete_tag(run_id, key)
+
+
+# --- what a run keeps: datasets, files, the model ---------------------------------------------------
+
+
+def log_datasets(source: str, from_code: bool, splits: list[tuple[str, str, list[str], list[str]]]) -> None:
+    """Each split, (context, name, sample ids, labels), as a dataset of the active run.
+
+    A table of sample ids and labels: its digest identifies the split. ``from_code``: the data
+    is made by the loader named ``source`` (the digits, synthetic data), not read from a path.
+    """
+    for context, name, ids, labels in splits:
+        df = pd.DataFrame({"id": ids, "label": labels})
+        mlflow.log_input(mlflow.data.from_pandas(df, source=_dataset_source(source, from_code), name=name),
+                         context=context)
+
+
+def _dataset_source(source: str, from_code: bool):
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if from_code:
+        return CodeDatasetSource({"loader": source})
+    with warnings.catch_warnings():  # MLflow warns that a local path fits two equal source types
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(source)
+
+
+def log_artifacts(run_id: str, folder: str | Path) -> None:
+    """Every file in ``folder``, at the top of the run's artifacts."""
+    client().log_artifacts(run_id, str(folder))
+
+
+def log_text(run_id: str, text: str, name: str) -> None:
+    client().log_text(run_id, text, name)
+
+
+def log_model(model, input_example, pip_requirements: list[str]) -> None:
+    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run."""
+    mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=pip_requirements)

@@ -1,7 +1,8 @@
 """One training run, start to end: data, model, engine, and what MLflow records of it.
 
 ``train`` starts a run (or adopts the one ``mlflow run`` created), ``resume`` continues
-one from its last checkpoint. Either way the run ends FINISHED, FAILED or KILLED,
+one from its last checkpoint. Both prepare the same way (``prepare``: architecture, device,
+data) and train the same way (``_fit``); zar.runs ends the run FINISHED, FAILED or KILLED,
 never RUNNING, and a mistake found before training creates no run at all.
 """
 
@@ -10,37 +11,28 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import tempfile
-import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-import click
-import mlflow
 import numpy as np
-import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.serialization import config as serialization_config
 
-from . import plots, tracking
+from . import plots, runs, tracking
+from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
-from .errors import ZarError
-from .models import build_model, count_params, get_variant
-from .tracking import FAILED, FINISHED, KILLED, RUNNING
+from .errors import TrainingFailed, ZarError
+from .models import build_model, count_params
+from .tracking import FINISHED, RUNNING
 
 
-class TrainingFailed(click.ClickException):
-    exit_code = 1
-
-
-class Interrupted(click.ClickException):
-    exit_code = 130
+def print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 @dataclass
@@ -54,15 +46,47 @@ class TrainingResult:
     summary: dict[str, float]
 
 
-def _user_error(fn, *args):
+@dataclass
+class Job:
+    """One run's training: what trains on what, where it is recorded, and the loop that trains it."""
+
+    model_name: str
+    display: str
+    cfg: TrainConfig
+    device: torch.device
+    data: DataBundle
+    echo: Callable[[str], None]
+    run: object = None  # the MLflow run, once started
+    ckpt: Path = field(default_factory=Path)
+    trainer: Trainer | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+
+def prepare(model_name: str, cfg: TrainConfig, echo: Callable[[str], None], data: DataBundle | None = None) -> Job:
+    """Architecture, device, precision and data: everything a mistake can be found in before a run exists."""
+    variant = known_model(model_name)
     try:
-        return fn(*args)
+        device = resolve_device(cfg.device)
     except ValueError as e:
         raise ZarError(str(e)) from None
+    # The run records the precision that ran, never 'auto': runs are compared by it.
+    cfg = cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size))
+    data = data or load_data(cfg)
+    return Job(model_name, variant.display_name(cfg.depth, cfg.se_reduction), cfg, device, data, echo)
+
+
+def _build_trainer(job: Job, progress: bool) -> Trainer:
+    """The model (seeded: the same weights for the same seed) and the loop that trains it."""
+    torch.manual_seed(job.cfg.seed)
+    model = build_model(job.model_name, job.cfg.depth, len(job.data.classes), job.cfg.se_reduction)
+    return Trainer(model, job.data.train, job.data.val, job.cfg, job.device, progress)
 
 
 def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
-          progress: bool = True, echo: Callable[[str], None] = click.echo,
+          progress: bool = True, echo: Callable[[str], None] = print_line,
           data: DataBundle | None = None, parent_run_id: str | None = None) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
@@ -70,161 +94,99 @@ def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_
     given, must be what ``load_data(cfg)`` returns (a study loads it once for all its runs).
     ``parent_run_id`` makes the run a child of that study run, which another process holds.
     """
-    variant = _user_error(get_variant, model_name)
-    device = _user_error(resolve_device, cfg.device)
-    # The run records the precision that ran, never 'auto': runs are compared by it.
-    cfg = cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size))
-    data = data or load_data(cfg)
+    job = prepare(model_name, cfg, echo, data)
+    cfg, data = job.cfg, job.data
     tracking.check_reachable()
-    nested = mlflow.active_run() is not None or parent_run_id is not None
-    if parent_run_id:  # a child of a study run in another process, in its experiment
-        experiment_id = tracking.client().get_run(parent_run_id).info.experiment_id
-    elif nested:  # a study's child lives in its parent's experiment
-        experiment_id = mlflow.active_run().info.experiment_id
-    elif os.environ.get("MLFLOW_RUN_ID"):  # 'mlflow run' made the run, in its experiment
-        experiment_id = None
-    else:
-        experiment_id = tracking.get_experiment_id(experiment)
-
-    display = variant.display_name(cfg.depth, cfg.se_reduction)
     run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
-    run = tracking.start_run(experiment_id, run_name, nested, parent_run_id=parent_run_id)
-    run_id = run.info.run_id
-    ckpt = tracking.checkpoint_path(run)
-    with _closing_run(run_id):
-        tracking.set_tags(run_id, {
-            "mlflow.runName": run_name,
-            tracking.TAG_MODEL: model_name,
-            tracking.TAG_DISPLAY: display,
-            tracking.TAG_FINGERPRINT: data.fingerprint,
-            tracking.TAG_DEVICE: str(device),
-            tracking.TAG_CHECKPOINT: str(ckpt),
-            **tracking.process_tags(),
-        })
-        tracking.log_params(run_id, {
-            **cfg.to_dict(), "model": model_name, "dataset": data.name,
-            "num_classes": len(data.classes),
-        })
-        _log_datasets(data)
-        torch.manual_seed(cfg.seed)
-        model = build_model(model_name, cfg.depth, len(data.classes), cfg.se_reduction)
-        tracking.log_metrics(run_id, count_params(model))
-        trainer = Trainer(model, data.train, data.val, cfg, device, progress)
-        echo(f"{display}: run {run_id} in experiment {run.info.experiment_id}, "
-             f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {device}")
-        return _fit(run, trainer, model_name, display, cfg, data, echo, ckpt)
+    job.run = runs.start(experiment, run_name, parent_run_id)
+    job.ckpt = tracking.checkpoint_path(job.run)
+    with runs.closing(job.run_id, {
+        tracking.TAG_RUN_NAME: run_name,
+        tracking.TAG_MODEL: model_name,
+        tracking.TAG_DISPLAY: job.display,
+        tracking.TAG_FINGERPRINT: data.fingerprint,
+        tracking.TAG_DEVICE: str(job.device),
+        tracking.TAG_CHECKPOINT: str(job.ckpt),
+    }):
+        tracking.log_params(job.run_id, {**cfg.to_dict(), "model": model_name, "dataset": data.name,
+                                         "num_classes": len(data.classes)})
+        log_datasets(data)
+        job.trainer = _build_trainer(job, progress)
+        tracking.log_metrics(job.run_id, count_params(job.trainer.model))
+        echo(f"{job.display}: run {job.run_id} in experiment {job.run.info.experiment_id}, "
+             f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {job.device}")
+        return _fit(job)
 
 
-def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = click.echo) -> TrainingResult:
+def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = print_line) -> TrainingResult:
     """Continue a stopped run from its last completed epoch, in the same MLflow run."""
     tracking.check_reachable()
-    try:
-        run = tracking.client().get_run(run_id)
-    except MlflowException:
-        raise ZarError(f"no MLflow run with id '{run_id}' at {tracking.tracking_uri()}") from None
-    tags, status = run.data.tags, run.info.status
-    if status == FINISHED:
-        raise ZarError(f"run {run_id} is already FINISHED; there is nothing to resume")
-    alive = tracking.process_alive(tags)
-    if status == RUNNING and alive:
-        raise ZarError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
-    if status == RUNNING and alive is None:
-        raise ZarError(f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
-                       "once its process is gone")
+    run = tracking.get_run(run_id)
+    tags = run.data.tags
+    _check_resumable(run)
     ckpt = Path(tags.get(tracking.TAG_CHECKPOINT) or tracking.checkpoint_path(run))
     if not ckpt.exists():
         raise ZarError(f"run {run_id} has no checkpoint at {ckpt} (it stopped before its first epoch ended); "
                        "start a new run instead")
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    cfg = from_dict(state["config"], source=str(ckpt))
-    model_name = state["model_name"]
-    variant = _user_error(get_variant, model_name)
-    device = _user_error(resolve_device, cfg.device)
-    data = load_data(cfg)
-    if data.fingerprint != tags.get(tracking.TAG_FINGERPRINT):
+    job = prepare(state["model_name"], from_dict(state["config"], source=str(ckpt)), echo)
+    if job.data.fingerprint != tags.get(tracking.TAG_FINGERPRINT):
         raise ZarError(f"the data of run {run_id} changed since it started (validation set "
-                       f"{data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead")
+                       f"{job.data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead")
 
-    run = tracking.start_run(None, "", nested=mlflow.active_run() is not None, run_id=run_id)
-    with _closing_run(run_id):
-        tracking.set_tags(run_id, {**tracking.process_tags(), tracking.TAG_DEVICE: str(device)})
-        client = tracking.client()
+    job.run, job.ckpt = runs.reopen(run_id), ckpt
+    with runs.closing(run_id, {tracking.TAG_DEVICE: str(job.device)}):
         if tracking.TAG_ERROR in tags:  # the error that stopped it no longer describes the run
-            client.delete_tag(run_id, tracking.TAG_ERROR)
-        model = build_model(model_name, cfg.depth, len(data.classes), cfg.se_reduction)
-        trainer = Trainer(model, data.train, data.val, cfg, device, progress)
-        trainer.load_state_dict(state)
+            tracking.delete_tag(run_id, tracking.TAG_ERROR)
+        job.trainer = _build_trainer(job, progress)
+        job.trainer.load_state_dict(state)
         # The process may have died between checkpointing an epoch and logging it.
-        logged = {m.step for m in client.get_metric_history(run_id, "val_acc")}
-        for result in trainer.history:
+        logged = {step for step, _ in tracking.metric_history(run_id, "val_acc")}
+        for result in job.trainer.history:
             if result.epoch not in logged:
                 tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
-        display = variant.display_name(cfg.depth, cfg.se_reduction)
-        echo(f"{display}: resuming run {run_id} after epoch {trainer.epoch} of {cfg.epochs}")
-        return _fit(run, trainer, model_name, display, cfg, data, echo, ckpt)
+        echo(f"{job.display}: resuming run {run_id} after epoch {job.trainer.epoch} of {job.cfg.epochs}")
+        return _fit(job)
 
 
-def _fit(run, trainer: Trainer, model_name: str, display: str, cfg: TrainConfig, data: DataBundle,
-         echo, ckpt: Path) -> TrainingResult:
-    run_id = run.info.run_id
-    for r in trainer.epochs():
-        save_checkpoint(ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": model_name})
-        tracking.log_metrics(run_id, r.metrics(), step=r.epoch)
-        echo(f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  train_acc {100 * r.train_acc:6.2f}%  "
-             f"val_loss {r.val_loss:.4f}  val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)")
-    summary = trainer.summary()
-    tracking.log_metrics(run_id, summary)
-    _log_results(trainer, data, cfg, display)
-    with contextlib.suppress(OSError):  # the logged model supersedes the checkpoint
-        ckpt.unlink()
-        ckpt.parent.rmdir()
-    echo(f"{display}: best val_acc {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}")
-    return TrainingResult(run_id, run.info.experiment_id, model_name, display, cfg.seed, list(trainer.history), summary)
+def _check_resumable(run) -> None:
+    """A run can be resumed once it stopped: not FINISHED, and not still trained by a live process."""
+    run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
+    if status == FINISHED:
+        raise ZarError(f"run {run_id} is already FINISHED; there is nothing to resume")
+    alive = runs.process_alive(tags)
+    if status == RUNNING and alive:
+        raise ZarError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
+    if status == RUNNING and alive is None:
+        raise ZarError(f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
+                       "once its process is gone")
 
 
-@contextlib.contextmanager
-def _closing_run(run_id: str):
-    """The run ends FINISHED on success, KILLED on Ctrl-C, SIGTERM or SIGHUP, FAILED on anything else."""
-    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.getsignal(s) for s in stops}
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+def _fit(job: Job) -> TrainingResult:
+    """The remaining epochs, each checkpointed then logged; then the results. Divergence fails the run."""
+    trainer, cfg, echo = job.trainer, job.cfg, job.echo
     try:
-        yield
+        for r in trainer.epochs():
+            save_checkpoint(job.ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": job.model_name})
+            tracking.log_metrics(job.run_id, r.metrics(), step=r.epoch)
+            echo(f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  "
+                 f"train_acc {100 * r.train_acc:6.2f}%  val_loss {r.val_loss:.4f}  "
+                 f"val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)")
     except Diverged as e:
-        tracking.set_tags(run_id, {"zar.diverged_at": f"epoch {e.epoch}, step {e.step}"})
-        tracking.end_run(run_id, FAILED, f"diverged: {e}")
         kept = (f"the checkpoint of epoch {e.epoch - 1} is kept" if e.epoch > 1
                 else "no epoch had finished, so there is no checkpoint")
-        raise TrainingFailed(f"training diverged: {e}; run {run_id} marked FAILED, {kept}") from None
-    except KeyboardInterrupt as e:
-        _ignore(stops)  # a second Ctrl-C must not cut the cleanup short and leave the run RUNNING
-        tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
-        raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
-                          f"'zar train --resume {run_id}'") from None
-    except Interrupted as e:  # a study's child was interrupted: the study stops too
-        _ignore(stops)
-        tracking.end_run(run_id, KILLED, e.format_message())
-        raise Interrupted(f"{e.format_message()}; study run {run_id} marked KILLED") from None
-    except BaseException as e:
-        reason = e.format_message() if isinstance(e, click.ClickException) else f"{type(e).__name__}: {e}"
-        tracking.end_run(run_id, FAILED, reason)
-        raise
-    else:
-        _ignore(stops)
-        tracking.end_run(run_id, FINISHED)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def _ignore(signals) -> None:
-    for s in signals:
-        signal.signal(s, signal.SIG_IGN)
+        raise TrainingFailed(f"training diverged: {e}; run {job.run_id} marked FAILED, {kept}",
+                             reason=f"diverged: {e}",
+                             tags={tracking.TAG_DIVERGED: f"epoch {e.epoch}, step {e.step}"}) from None
+    summary = trainer.summary()
+    tracking.log_metrics(job.run_id, summary)
+    log_results(job)
+    with contextlib.suppress(OSError):  # the logged model supersedes the checkpoint
+        job.ckpt.unlink()
+        job.ckpt.parent.rmdir()
+    echo(f"{job.display}: best val_acc {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}")
+    return TrainingResult(job.run_id, job.run.info.experiment_id, job.model_name, job.display, cfg.seed,
+                          list(trainer.history), summary)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -247,27 +209,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(folder)
 
 
-def _log_datasets(data: DataBundle) -> None:
-    """Each split as a table of sample ids and labels: its digest identifies the split."""
-    source = _dataset_source(data)
-    for context, ids, labels in (("train", data.train_ids, data.train_labels),
-                                 ("validation", data.val_ids, data.val_labels)):
-        df = pd.DataFrame({"id": ids, "label": [data.classes[y] for y in labels]})
-        mlflow.log_input(mlflow.data.from_pandas(df, source=source, name=f"{data.name}-{context}"), context=context)
+def log_datasets(data: DataBundle) -> None:
+    """The train and validation splits as MLflow datasets of sample ids and class names."""
+    from_code = data.name in BUILT_IN_DATA and not Path(data.source).exists()
+    tracking.log_datasets(data.source, from_code, [
+        ("train", f"{data.name}-train", data.train_ids, [data.classes[y] for y in data.train_labels]),
+        ("validation", f"{data.name}-validation", data.val_ids, [data.classes[y] for y in data.val_labels]),
+    ])
 
 
-def _dataset_source(data: DataBundle):
-    from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
-    if data.name in ("digits", "synthetic") and not Path(data.source).exists():
-        return CodeDatasetSource({"loader": data.source})
-    with warnings.catch_warnings():  # MLflow warns that a local path fits two equal source types
-        warnings.simplefilter("ignore")
-        return resolve_dataset_source(data.source)
-
-
-def _log_results(trainer: Trainer, data: DataBundle, cfg: TrainConfig, display: str) -> None:
+def log_results(job: Job) -> None:
+    """What a person opens after training: confusion matrix, report, curves, config, and the model."""
+    trainer, data, cfg, display = job.trainer, job.data, job.cfg, job.display
     final = trainer.evaluate()
     labels = list(range(len(data.classes)))
     cm = confusion_matrix(final.y_true, final.y_pred, labels=labels)
@@ -285,11 +238,11 @@ def _log_results(trainer: Trainer, data: DataBundle, cfg: TrainConfig, display: 
                                out / "confusion_matrix.png")
         plots.curve(history, "acc", f"{display}: accuracy", out / "acc_curve.png")
         plots.curve(history, "loss", f"{display}: loss", out / "loss_curve.png")
-        mlflow.log_artifacts(tmp)
+        tracking.log_artifacts(job.run_id, tmp)
 
     model = trainer.model.eval()
     example = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
     if len(example) < 2:  # torch.export fixes a batch size of one; two keeps it free
         example = example.repeat(2, 1, 1, 1)
-    mlflow.pytorch.log_model(model.to("cpu"), name="model", input_example=example.numpy().astype(np.float32),
-                             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    tracking.log_model(model.to("cpu"), input_example=example.numpy().astype(np.float32),
+                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

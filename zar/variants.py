@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Blocks per stage of each supported depth (BasicBlock ResNets, as He et al. 2016 and torchvision).
+STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+DEPTHS = tuple(STAGE_BLOCKS)
+
 
 @dataclass(frozen=True)
 class Variant:

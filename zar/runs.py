@@ -1,0 +1,143 @@
+"""A run's life, start to end: the one place a run is started, adopted, tagged and closed.
+
+``start`` opens a new run, a nested one (a study's child, in this process or another) or adopts
+the run ``mlflow run`` made (``MLFLOW_RUN_ID``); ``reopen`` continues a stopped one. ``closing``
+then guarantees the end: FINISHED on success, FAILED with the reason as the ``zar.error`` tag,
+KILLED on SIGINT, SIGTERM or SIGHUP, so that no run is ever left RUNNING by a process that lived
+to close it. Runs whose process died without closing them are found here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+from collections.abc import Iterator
+
+import psutil
+
+from . import tracking
+from .errors import Interrupted, TrainingFailed, describe
+from .tracking import FAILED, FINISHED, KILLED, RUNNING
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def start(experiment: str, run_name: str, parent_run_id: str | None = None):
+    """A new run named ``run_name``: nested when a study run is active in this process, a child of
+    ``parent_run_id`` (held by another process) when given, else the run ``mlflow run`` made, else
+    a new run in ``experiment``. Children live in their parent's experiment."""
+    active = tracking.active_run()
+    nested = active is not None or parent_run_id is not None
+    if parent_run_id:
+        experiment_id = tracking.get_run(parent_run_id).info.experiment_id
+    elif nested:
+        experiment_id = active.info.experiment_id
+    elif os.environ.get("MLFLOW_RUN_ID"):  # 'mlflow run' made the run, in its experiment
+        experiment_id = None
+    else:
+        experiment_id = tracking.get_experiment_id(experiment)
+    return tracking.start_run(experiment_id, run_name, nested, parent_run_id=parent_run_id)
+
+
+def reopen(run_id: str):
+    """The stopped run ``run_id``, open again to continue it."""
+    return tracking.start_run(None, "", nested=tracking.active_run() is not None, run_id=run_id)
+
+
+@contextlib.contextmanager
+def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
+    """Tag the run with ``tags`` and this process, then end it FINISHED, FAILED or KILLED.
+
+    SIGTERM and SIGHUP become KeyboardInterrupt, as Ctrl-C is, while the run is open. Once the
+    run is ending, those signals are ignored: a second one must not cut the cleanup short and
+    leave the run RUNNING.
+    """
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    try:
+        tracking.set_tags(run_id, {**(tags or {}), **process_tags()})
+        yield
+    except KeyboardInterrupt as e:
+        _ignore_stop_signals()
+        tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
+        raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
+                          f"'zar train --resume {run_id}'") from None
+    except Interrupted as e:  # a study's child was interrupted: the study stops too
+        _ignore_stop_signals()
+        tracking.end_run(run_id, KILLED, str(e))
+        raise Interrupted(f"{e}; study run {run_id} marked KILLED") from None
+    except TrainingFailed as e:
+        if e.tags:
+            tracking.set_tags(run_id, e.tags)
+        tracking.end_run(run_id, FAILED, e.reason)
+        raise
+    except BaseException as e:
+        tracking.end_run(run_id, FAILED, describe(e))
+        raise
+    else:
+        _ignore_stop_signals()
+        tracking.end_run(run_id, FINISHED)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _ignore_stop_signals() -> None:
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+
+
+def end(run_id: str, status: str, reason: str | None = None) -> None:
+    """Close a run from outside its life (a dead process's run): ``reason`` becomes its ``zar.error``."""
+    tracking.end_run(run_id, status, reason)
+
+
+def fail_env_run(reason: str) -> None:
+    """Under ``mlflow run`` the run exists before zar starts: an error before zar adopted it still closes it."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    if run_id:
+        try:
+            tracking.end_run(run_id, FAILED, reason)
+        except Exception:  # the original error is what the user needs to see
+            pass
+
+
+# --- which process holds a run ------------------------------------------------------------------
+
+
+def process_tags() -> dict[str, str]:
+    """Who is running this run: lets ``zar runs --stale`` tell a dead process from a live one."""
+    proc = psutil.Process()
+    return {tracking.TAG_PID: str(proc.pid), tracking.TAG_HOST: socket.gethostname(),
+            tracking.TAG_PROC_START: f"{proc.create_time():.2f}"}
+
+
+def process_alive(tags: dict[str, str]) -> bool | None:
+    """True/False for a run started on this host; None when it was started elsewhere."""
+    if tags.get(tracking.TAG_HOST) != socket.gethostname() or tracking.TAG_PID not in tags:
+        return None
+    try:
+        proc = psutil.Process(int(tags[tracking.TAG_PID]))
+        same = f"{proc.create_time():.2f}" == tags.get(tracking.TAG_PROC_START)
+        return same and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+
+
+def is_stale(run) -> bool:
+    """RUNNING, but its process on this machine is gone."""
+    return run.info.status == RUNNING and process_alive(run.data.tags) is False
+
+
+def close_orphans(parent_run_id: str, status: str) -> None:
+    """A child killed outright, or stopped before it took charge of its run, leaves that run RUNNING: close it."""
+    for run in tracking.children(parent_run_id, status=RUNNING):
+        if process_alive(run.data.tags) is not True:
+            end(run.info.run_id, status, "its process ended without closing the run")
