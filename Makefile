@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # The CPU machines here carry these two releases on disk; any torch 2.7+ works.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-slow test-all demo clean
+.PHONY: install test test-slow test-all lint format demo clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,13 @@ test-slow: install
 
 test-all: install
 	$(BIN)/python -m pytest -m ''
+
+lint: install
+	$(BIN)/ruff check zar tests benchmarks
+	$(BIN)/ruff format --check zar tests benchmarks
+
+format: install
+	$(BIN)/ruff format zar tests benchmarks
 
 demo: install
 	$(BIN)/zar study
