@@ -11,10 +11,12 @@ default (SQLite ``mlflow.db`` in the working folder, artifacts under ``./mlruns`
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import sqlite3
+import threading
 import time
 import warnings
 from functools import wraps
@@ -316,6 +318,29 @@ def log_text(run_id: str, text: str, name: str) -> None:
     client().log_text(run_id, text, name)
 
 
+def warm_up_model_logging() -> None:
+    """Start, in the background, the imports and scans that ``log_model`` will need.
+
+    In a fresh process ``mlflow.pytorch.log_model`` spent about 6 s importing torch's exporter
+    and mapping every installed package to its modules before writing a byte. Done while the
+    first epoch trains, that time is no longer added after the last one.
+    """
+    threading.Thread(target=_warm_up, name="zar-warm-up", daemon=True).start()
+
+
+def _warm_up() -> None:
+    with contextlib.suppress(Exception):  # only a head start: log_model does all of it anyway
+        import torch._dynamo  # noqa: F401  (torch.export's tracer, which the pt2 format uses)
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
+
+
 def log_model(model, input_example, pip_requirements: list[str]) -> None:
-    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run."""
-    mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=pip_requirements)
+    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run.
+
+    ``validate_serving_input=False``: MLflow would load the saved model back and run the example
+    through it (2.5 s a run); zar's tests load a logged model and predict with it instead.
+    """
+    mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=pip_requirements,
+                             validate_serving_input=False)

@@ -165,6 +165,7 @@ def _check_resumable(run) -> None:
 def _fit(job: Job) -> TrainingResult:
     """The remaining epochs, each checkpointed then logged; then the results. Divergence fails the run."""
     trainer, cfg, echo = job.trainer, job.cfg, job.echo
+    tracking.warm_up_model_logging()
     try:
         for r in trainer.epochs():
             save_checkpoint(job.ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": job.model_name})
