@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import zar.train
+from zar import train as training
 
 from helpers import TINY, invoke, leave_store, runs_of, use_store
 
@@ -106,7 +106,7 @@ def study(tmp_path_factory, empty_store) -> Study:
 def failed_study(tmp_path_factory, empty_store) -> Study:
     """``zar study`` over plain and resnet where plain's run fails after its epoch (its results cannot be saved)."""
     folder, uri = new_store(tmp_path_factory, empty_store, "failed")
-    log_results = zar.train.log_results
+    log_results = training.log_results
 
     def failing_for_plain(job):
         if job.model_name == "plain":
@@ -115,7 +115,7 @@ def failed_study(tmp_path_factory, empty_store) -> Study:
 
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, folder, uri)
-        mp.setattr(zar.train, "log_results", failing_for_plain)
+        mp.setattr(training, "log_results", failing_for_plain)
         try:
             result = invoke("study", "--models", "plain,resnet", "--seeds", "1", *TINY)
             parent_id = study_parent().info.run_id

@@ -21,7 +21,8 @@ from zar import imagecache
 from zar.config import TrainConfig
 from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, load_data
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 SIZE = 24
 AN_HOUR_AGO = time.time() - 3600
 
