@@ -47,7 +47,8 @@ def header_lines(title: str) -> list[str]:
         f"## {title}",
         "",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {cpu_model()}, {cores} cores usable ({os.cpu_count()} online), {platform.system()} {platform.release()}",
+        f"- machine: {cpu_model()}, {cores} cores usable ({os.cpu_count()} online), "
+        f"{platform.system()} {platform.release()}",
         f"- python {platform.python_version()}, torch {package_version('torch')}, mlflow {package_version('mlflow')}",
         "",
     ]

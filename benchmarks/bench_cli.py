@@ -59,13 +59,17 @@ def time_all(repeat: int) -> tuple[float, list[tuple[Case, float, int]]]:
 
 
 def table(ref_s: float, timed: list[tuple[Case, float, int]]) -> list[str]:
-    lines = ["| command | kind | median (s) | x `python -c pass` | target | met | exit code |",
-             "| --- | --- | ---: | ---: | ---: | :-: | :-: |"]
+    lines = [
+        "| command | kind | median (s) | x `python -c pass` | target | met | exit code |",
+        "| --- | --- | ---: | ---: | ---: | :-: | :-: |",
+    ]
     for case, seconds, code in timed:
         met = "yes" if seconds < case.target_s and code == case.exit_code else "NO"
         code_note = str(code) if code == case.exit_code else f"{code} (expected {case.exit_code})"
-        lines.append(f"| `zar {' '.join(case.args)}` | {case.kind} | {seconds:.3f} | {seconds / ref_s:.1f} "
-                     f"| < {case.target_s} s | {met} | {code_note} |")
+        lines.append(
+            f"| `zar {' '.join(case.args)}` | {case.kind} | {seconds:.3f} | {seconds / ref_s:.1f} "
+            f"| < {case.target_s} s | {met} | {code_note} |"
+        )
     return lines
 
 
@@ -74,8 +78,10 @@ def ratio_lines(ref_s: float, timed: list[tuple[Case, float, int]]) -> list[str]
     lines = []
     for label, target in (("help", HELP_TARGET_S), ("mistake", MISTAKE_TARGET_S)):
         case, seconds, _ = max((t for t in timed if t[0].target_s == target), key=lambda t: t[1])
-        lines.append(f"ratio slowest {label} / `python -c pass`: {seconds / ref_s:.1f} "
-                     f"(`zar {' '.join(case.args)}`, {seconds:.3f} s; target < {target} s)")
+        lines.append(
+            f"ratio slowest {label} / `python -c pass`: {seconds / ref_s:.1f} "
+            f"(`zar {' '.join(case.args)}`, {seconds:.3f} s; target < {target} s)"
+        )
     return lines
 
 

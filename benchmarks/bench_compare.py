@@ -39,8 +39,11 @@ def run_shape(i: int) -> tuple[dict[str, str], dict[str, str], list[tuple[str, f
     model = list(VARIANTS)[i % len(VARIANTS)]
     seed = i // len(VARIANTS)
     cfg = TrainConfig(seed=seed)
-    tags = {"zar.model": model, "zar.display_name": VARIANTS[model].display_name(cfg.depth),
-            "zar.split_fingerprint": "0123456789abcdef"}
+    tags = {
+        "zar.model": model,
+        "zar.display_name": VARIANTS[model].display_name(cfg.depth),
+        "zar.split_fingerprint": "0123456789abcdef",
+    }
     params = {f.name: str(getattr(cfg, f.name)) for f in fields(cfg)}
     params.update(model=model, dataset="digits", num_classes="10")
     acc = 0.5 + 0.4 * ((i * 37) % 100) / 100
@@ -62,8 +65,11 @@ def build_store(uri: str, n_runs: int) -> str:
     for i in range(n_runs):
         tags, params, metrics = run_shape(i)
         run_id = client.create_run(experiment_id, start_time=now, tags=tags).info.run_id
-        client.log_batch(run_id, metrics=[Metric(k, v, now, step) for k, v, step in metrics],
-                         params=[Param(k, v) for k, v in params.items()])
+        client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, step) for k, v, step in metrics],
+            params=[Param(k, v) for k, v in params.items()],
+        )
         client.set_terminated(run_id, "FINISHED", end_time=now + 1000)
     return experiment_id
 
@@ -87,8 +93,13 @@ def commands(experiment_id: str) -> dict[str, list[str]]:
     bindir = Path(PYTHON).parent
     return {
         "zar compare --experiment zar": [str(bindir / "zar"), "compare", "--experiment", "zar"],
-        f"mlflow experiments csv --experiment-id {experiment_id}":
-            [str(bindir / "mlflow"), "experiments", "csv", "--experiment-id", experiment_id],
+        f"mlflow experiments csv --experiment-id {experiment_id}": [
+            str(bindir / "mlflow"),
+            "experiments",
+            "csv",
+            "--experiment-id",
+            experiment_id,
+        ],
     }
 
 
@@ -119,8 +130,10 @@ def main() -> int:
     args = parser.parse_args()
     built_s, timings = time_commands(args.runs, args.repeat)
     print("\n".join(header_lines(f"zar compare vs mlflow experiments csv, {args.runs} runs")))
-    print(f"Store: SQLite, {args.runs} FINISHED runs, {EPOCHS} epochs each, built in {built_s:.1f} s. "
-          f"Median of {args.repeat} run(s) each, as subprocesses (interpreter start and imports included).\n")
+    print(
+        f"Store: SQLite, {args.runs} FINISHED runs, {EPOCHS} epochs each, built in {built_s:.1f} s. "
+        f"Median of {args.repeat} run(s) each, as subprocesses (interpreter start and imports included).\n"
+    )
     print("| command | median (s) |\n| --- | ---: |")
     for name, seconds in timings.items():
         print(f"| `{name}` | {seconds:.2f} |")

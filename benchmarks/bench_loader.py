@@ -73,11 +73,13 @@ def study_loader(root: Path, size: int):
 
     from zar.data import IMAGENET_MEAN, IMAGENET_STD
 
-    transform = transforms.Compose([transforms.Resize((size, size)), transforms.ToTensor(),
-                                    transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    transform = transforms.Compose(
+        [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
     dataset = datasets.ImageFolder(str(root), transform=transform)
-    return DataLoader(dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0),
-                      num_workers=0)
+    return DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=0
+    )
 
 
 def median_pass(passes: list[tuple[float, int]]) -> tuple[float, int]:
@@ -134,8 +136,9 @@ def main() -> None:
         cfg = TrainConfig(data=str(root), image_size=args.size)
         data, first_s = timed(lambda: load_data(cfg))
         reference = study_loader(root, args.size)
-        cached = DataLoader(data.train, batch_size=BATCH, shuffle=True,
-                            generator=torch.Generator().manual_seed(0), num_workers=0)
+        cached = DataLoader(
+            data.train, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(0), num_workers=0
+        )
         ref_passes, zar_passes = [], []
         for _ in range(args.repeat):
             ref_passes.append(one_pass(reference))
@@ -148,16 +151,24 @@ def main() -> None:
     ratio = zar_rate / ref_rate
     print(f"## zar image-folder loader vs torchvision ImageFolder + PIL ({args.size} px)\n")
     print("\n".join(machine_lines()))
-    print(f"- data: {args.images} JPEGs of {SOURCE_SIZE} px in {n_classes} classes, {folder_mb:.1f} MB; "
-          f"batch {BATCH}, shuffle, num_workers=0; median of {args.repeat} passes\n")
+    print(
+        f"- data: {args.images} JPEGs of {SOURCE_SIZE} px in {n_classes} classes, {folder_mb:.1f} MB; "
+        f"batch {BATCH}, shuffle, num_workers=0; median of {args.repeat} passes\n"
+    )
     print("| step | images | time (s) | images/s |")
     print("| --- | --: | --: | --: |")
-    print(f"| (a) reference: ImageFolder + PIL Resize/ToTensor/Normalize, one pass | {ref_images} | "
-          f"{ref_images / ref_rate:.2f} | {ref_rate:,.0f} |")
-    print(f"| (b) zar first load_data: hash + decode into the cache | {args.images} | {first_s:.2f} | "
-          f"{args.images / first_s:,.0f} |")
-    print(f"| (c) zar cached loader, training split, one pass | {zar_images} | "
-          f"{zar_images / zar_rate:.2f} | {zar_rate:,.0f} |")
+    print(
+        f"| (a) reference: ImageFolder + PIL Resize/ToTensor/Normalize, one pass | {ref_images} | "
+        f"{ref_images / ref_rate:.2f} | {ref_rate:,.0f} |"
+    )
+    print(
+        f"| (b) zar first load_data: hash + decode into the cache | {args.images} | {first_s:.2f} | "
+        f"{args.images / first_s:,.0f} |"
+    )
+    print(
+        f"| (c) zar cached loader, training split, one pass | {zar_images} | "
+        f"{zar_images / zar_rate:.2f} | {zar_rate:,.0f} |"
+    )
     print(f"| (d) zar second load_data, unchanged folder (cache hit) | {args.images} | {second_s:.3f} | |")
     print(f"\n(c)/(a) = {ratio:.1f}x (target >= {TARGET:.0f}x: {'met' if ratio >= TARGET else 'NOT met'})")
 

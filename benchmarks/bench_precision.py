@@ -70,8 +70,9 @@ def zar_engine(root: Path, size: int, steps: int, warmup: int, precision: str) -
     cfg = load_config(overrides={"data": str(root), "image_size": size, "precision": precision, "device": "cpu"})
     data = load_data(cfg)
     torch.manual_seed(0)
-    trainer = Trainer(build_model("resnet", 34, len(data.classes)), data.train, data.val, cfg,
-                      resolve_device("cpu"), progress=False)
+    trainer = Trainer(
+        build_model("resnet", 34, len(data.classes)), data.train, data.val, cfg, resolve_device("cpu"), progress=False
+    )
     batches = _endless(trainer.train_loader)
     if steps == 0:
         return 0.0, trainer.precision.name

@@ -33,8 +33,12 @@ HERE = Path(__file__).resolve().parent
 def _init_store(folder: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}
     env.pop("MLFLOW_RUN_ID", None)
-    subprocess.run([PYTHON, "-c", "from mlflow import MlflowClient; MlflowClient().search_experiments()"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [PYTHON, "-c", "from mlflow import MlflowClient; MlflowClient().search_experiments()"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     return env
 
 
@@ -53,15 +57,25 @@ def whole_process(epochs: int, repeat: int, extra: list[str]) -> tuple[float, fl
         env = _init_store(Path(tmp))
         for _ in range(repeat):
             plain.append(_timed([PYTHON, str(HERE / "plain_loop.py"), "--epochs", str(epochs), *extra]))
-            zar.append(_timed([PYTHON, "-m", "zar", "train", "--epochs", str(epochs), "--no-progress", *extra],
-                              env=env, cwd=tmp))
+            zar.append(
+                _timed(
+                    [PYTHON, "-m", "zar", "train", "--epochs", str(epochs), "--no-progress", *extra], env=env, cwd=tmp
+                )
+            )
     return statistics.median(plain), statistics.median(zar)
 
 
 # What counts as tracking and checkpoint overhead: every call that talks to MLflow or writes state.
 OVERHEAD = {
-    "zar.tracking": ["check_reachable", "get_experiment_id", "start_run", "set_tags", "log_params",
-                     "log_metrics", "end_run"],
+    "zar.tracking": [
+        "check_reachable",
+        "get_experiment_id",
+        "start_run",
+        "set_tags",
+        "log_params",
+        "log_metrics",
+        "end_run",
+    ],
     "zar.train": ["save_checkpoint", "log_datasets", "log_results"],
 }
 
@@ -96,6 +110,7 @@ def _stopwatch(fn, label: str, spent: dict):
             return fn(*args, **kwargs)
         finally:
             spent[label] += time.perf_counter() - start
+
     return wrapper
 
 
@@ -110,24 +125,34 @@ def main() -> None:
 
     print("\n".join(header_lines("zar train vs a plain PyTorch loop (digits)")))
     plain, zar = whole_process(args.epochs, args.repeat, extra)
-    print(f"Whole process, {args.epochs} epochs, median of {args.repeat}"
-          + (" (tiny: ResNet-18 at 16 px)" if args.tiny else "") + ":\n")
+    print(
+        f"Whole process, {args.epochs} epochs, median of {args.repeat}"
+        + (" (tiny: ResNet-18 at 16 px)" if args.tiny else "")
+        + ":\n"
+    )
     print("| command | wall (s) |\n| --- | ---: |")
     print(f"| `python benchmarks/plain_loop.py` (reference) | {plain:.1f} |")
     print(f"| `zar train` | {zar:.1f} |")
-    print(f"\nratio zar train / plain loop speed: {plain / zar:.2f}x  (target >= 1.4x: {'met' if plain / zar >= 1.4 else 'not met'})")
+    print(
+        f"\nratio zar train / plain loop speed: {plain / zar:.2f}x  "
+        f"(target >= 1.4x: {'met' if plain / zar >= 1.4 else 'not met'})"
+    )
 
     if args.overhead_epochs:
         extra_cfg = {"depth": 18, "image_size": 16} if args.tiny else {}
         wall, spent, epochs_s = overhead(args.overhead_epochs, extra_cfg)
-        print(f"\nOverhead of one in-process `zar train`, {args.overhead_epochs} epochs: wall {wall:.1f} s, "
-              f"training epochs {epochs_s:.1f} s\n")
+        print(
+            f"\nOverhead of one in-process `zar train`, {args.overhead_epochs} epochs: wall {wall:.1f} s, "
+            f"training epochs {epochs_s:.1f} s\n"
+        )
         print("| call | total (s) | share of wall |\n| --- | ---: | ---: |")
         for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
             print(f"| `{label}` | {seconds:.2f} | {100 * seconds / wall:.2f}% |")
         total = sum(spent.values())
-        print(f"\nratio tracking+checkpoint overhead / wall: {100 * total / wall:.2f}%  "
-              f"(target <= 2%: {'met' if total / wall <= 0.02 else 'not met'})")
+        print(
+            f"\nratio tracking+checkpoint overhead / wall: {100 * total / wall:.2f}%  "
+            f"(target <= 2%: {'met' if total / wall <= 0.02 else 'not met'})"
+        )
 
 
 if __name__ == "__main__":

@@ -37,9 +37,11 @@ def image_cache_dir(tmp_path_factory) -> Path:
 def empty_store(tmp_path_factory) -> Path:
     """An initialised MLflow database, made once: creating its tables takes seconds."""
     path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    subprocess.run([sys.executable, "-c", "from mlflow.tracking import MlflowClient as C; "
-                    "C().search_experiments()"], check=True,
-                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path}"})
+    subprocess.run(
+        [sys.executable, "-c", "from mlflow.tracking import MlflowClient as C; C().search_experiments()"],
+        check=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{path}"},
+    )
     return path
 
 

@@ -33,8 +33,14 @@ def invoke(*args: str):
 
 def zar_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None, **kwargs):
     """Run ``python -m zar`` as a separate process (signals, concurrency, exit codes)."""
-    return subprocess.run([sys.executable, "-m", "zar", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "zar", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        **kwargs,
+    )
 
 
 def all_runs():

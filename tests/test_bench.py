@@ -17,18 +17,34 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, str(BENCHMARKS / script), *args], check=False,
-                          capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
 
 
-@pytest.mark.parametrize("script, args, ratio", [
-    ("bench_cli.py", ["--repeat", "1"], "ratio slowest mistake / `python -c pass`: "),
-    ("bench_compare.py", ["--runs", "5", "--repeat", "1"], "ratio zar compare / mlflow experiments csv: "),
-    ("bench_precision.py", ["--images", "40", "--size", "32", "--steps", "1"],
-     "ratio zar (precision auto) / plain fp32 loop: "),
-    pytest.param("bench_train.py", ["--tiny", "--epochs", "1", "--repeat", "1", "--overhead-epochs", "1"],
-                 "ratio tracking+checkpoint overhead / wall: ", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "script, args, ratio",
+    [
+        ("bench_cli.py", ["--repeat", "1"], "ratio slowest mistake / `python -c pass`: "),
+        ("bench_compare.py", ["--runs", "5", "--repeat", "1"], "ratio zar compare / mlflow experiments csv: "),
+        (
+            "bench_precision.py",
+            ["--images", "40", "--size", "32", "--steps", "1"],
+            "ratio zar (precision auto) / plain fp32 loop: ",
+        ),
+        pytest.param(
+            "bench_train.py",
+            ["--tiny", "--epochs", "1", "--repeat", "1", "--overhead-epochs", "1"],
+            "ratio tracking+checkpoint overhead / wall: ",
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_benchmark_runs_and_prints_its_ratio(script, args, ratio):
     proc = run_benchmark(script, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]

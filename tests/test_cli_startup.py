@@ -39,14 +39,18 @@ MISTAKES = {
     "study no models": (["study", "--models", ","], "needs at least one model"),
     "study bad seeds list": (["study", "--seeds", "1,x"], "expected a comma-separated list of ints"),
     "study negative seed": (["study", "--seeds", "1,-2"], "config key 'seed' must be >= 0, got -2"),
-    "study baseline not trained": (["study", "--models", "resnet,se", "--baseline", "plain"],
-                                   "baseline 'plain' is not among --models resnet,se"),
+    "study baseline not trained": (
+        ["study", "--models", "resnet,se", "--baseline", "plain"],
+        "baseline 'plain' is not among --models resnet,se",
+    ),
     "study bad config value": (["study", "--epochs", "0"], "config key 'epochs' must be >= 1, got 0"),
     "study missing data folder": (["study", "--data", NO_FOLDER], f"data folder {NO_FOLDER} does not exist"),
     "compare bad format": (["compare", "--format", "xml"], "'xml' is not one of"),
     "compare bad select": (["compare", "--select", "worst"], "'worst' is not one of 'last', 'best'"),
-    "compare output folder missing": (["compare", "--output", f"{NO_FOLDER}/table.md"],
-                                      f"folder {NO_FOLDER} does not exist"),
+    "compare output folder missing": (
+        ["compare", "--output", f"{NO_FOLDER}/table.md"],
+        f"folder {NO_FOLDER} does not exist",
+    ),
     "runs mark-failed alone": (["runs", "--mark-failed"], "--mark-failed goes with --stale"),
 }
 
@@ -55,8 +59,15 @@ def run_zar(args: list[str], cwd) -> subprocess.CompletedProcess:
     """``python -m zar ARGS`` in a bare folder with its own store, reporting the heavy imports."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{cwd / 'mlflow.db'}"  # nothing may reach the user's store
-    return subprocess.run([sys.executable, "-c", WRAPPER, *args], check=False, capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", WRAPPER, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=120,
+    )
 
 
 def heavy_imported(proc: subprocess.CompletedProcess) -> str:
@@ -83,8 +94,9 @@ def test_mistake_is_one_line_exit_2_without_torch_or_mlflow(workdir, case):
     assert not (workdir / "mlflow.db").exists() and not (workdir / "mlruns").exists()
 
 
-@pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["study", "--help"], ["compare", "--help"],
-                                  ["runs", "--help"], []])
+@pytest.mark.parametrize(
+    "args", [["--help"], ["train", "--help"], ["study", "--help"], ["compare", "--help"], ["runs", "--help"], []]
+)
 def test_help_imports_neither_torch_nor_mlflow(workdir, args):
     proc = run_zar(args, workdir)
     assert proc.returncode == 0, proc.stderr

@@ -17,6 +17,7 @@ from helpers import HEADER, children, invoke
 
 # --- build_table and render on hand-made runs --------------------------------------------------------
 
+
 def row(model, name, train, val, params=1_000_000, depth=34, **hparams):
     return RunRow(f"{name}-{train}-{val}", model, name, train, val, params, depth, {"lr": "0.001", **hparams})
 
@@ -87,8 +88,15 @@ def test_rows_follow_the_study_order_then_others():
     depths = [18, 18, 18, 18, 34, 18, 18]
     runs = [row(m, n, 0.9, 0.8, depth=d) for m, n, d in zip(models, names, depths)]
     table = build_table(runs)
-    assert [r.name for r in table] == ["Plain-18", "ResNet-18", "ResNet-34", "SE-ResNet-18", "Mish-ResNet-18",
-                                       "SE-Mish-ResNet-18", "ConvNeXt"]
+    assert [r.name for r in table] == [
+        "Plain-18",
+        "ResNet-18",
+        "ResNet-34",
+        "SE-ResNet-18",
+        "Mish-ResNet-18",
+        "SE-Mish-ResNet-18",
+        "ConvNeXt",
+    ]
     assert by_name(table)["ResNet-18"].is_baseline  # the first row of the baseline's architecture
 
 
@@ -109,14 +117,16 @@ def test_no_runs_is_an_error():
 
 def test_markdown_has_the_study_columns_and_cells():
     lines = render(build_table(RUNS)).splitlines()
-    assert lines[0] == ("| Model | Train Acc (%) | Val Acc (%) | Train - Val gap (pp) | Val Acc vs baseline (pp) "
-                        "| Params (M) | Runs |")
+    assert lines[0] == (
+        "| Model | Train Acc (%) | Val Acc (%) | Train - Val gap (pp) | Val Acc vs baseline (pp) | Params (M) | Runs |"
+    )
     assert lines[0] == HEADER
     assert lines[1].count("|") == len(COLUMNS) + 1
     assert [line.split(" | ")[0] for line in lines[2:]] == ["| Plain-34", "| ResNet-34", "| SE-ResNet-34"]
     p = stats.ttest_ind([81, 89], [80, 84], equal_var=False).pvalue
-    assert lines[4] == (f"| SE-ResNet-34 | 96.00 ± 1.41 | 85.00 ± 5.66 | +11.00 ± 4.24 | +3.00 (p={p:.3f}) "
-                        "| 21.50 | 2 |")
+    assert lines[4] == (
+        f"| SE-ResNet-34 | 96.00 ± 1.41 | 85.00 ± 5.66 | +11.00 ± 4.24 | +3.00 (p={p:.3f}) | 21.50 | 2 |"
+    )
     assert "| ResNet-34 | 92.00 ± 2.83 | 82.00 ± 2.83 | +10.00 ± 0.00 | baseline | 21.30 | 2 |" in lines
 
 
@@ -189,7 +199,8 @@ def test_compare_parent_numbers_are_those_mlflow_recorded(in_study):
     for kid in children(in_study.parent_id):
         m = kid.data.metrics
         recorded.setdefault(kid.data.tags["zar.model"], []).append(
-            (100 * m["train_acc"], 100 * m["val_acc"], m["params_total"]))
+            (100 * m["train_acc"], 100 * m["val_acc"], m["params_total"])
+        )
     assert [r["model"] for r in table] == ["plain", "resnet"]
     assert [r["name"] for r in table] == ["Plain-18", "ResNet-18"]
     base_val = [v for _, v, _ in recorded["resnet"]]
@@ -259,16 +270,19 @@ def test_compare_filter_narrows_the_runs(in_study):
     assert result.stderr == "1 runs used, none left out.\n"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--experiment", "nope"], "no MLflow experiment named 'nope'"),
-    (["--baseline", "resnext"], "unknown baseline 'resnext'; valid: plain, resnet, se, mish, se_mish"),
-    (["--baseline", "se"], "baseline 'se' has no runs in this table; models present: "),
-    (["--filter", "params.lr = 0.01"], "bad --filter 'params.lr = 0.01': Expected a quoted string value"),
-    (["--filter", "nonsense"], "bad --filter 'nonsense'"),
-    (["--parent", "0123"], "no finished zar runs in experiment 'zar' under parent 0123"),
-    (["--parent", "a'b"], "bad --parent \"a'b\": a run id is"),
-    (["--filter", "params.lr = '0.5'"], "no finished zar runs in experiment 'zar' matching"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--experiment", "nope"], "no MLflow experiment named 'nope'"),
+        (["--baseline", "resnext"], "unknown baseline 'resnext'; valid: plain, resnet, se, mish, se_mish"),
+        (["--baseline", "se"], "baseline 'se' has no runs in this table; models present: "),
+        (["--filter", "params.lr = 0.01"], "bad --filter 'params.lr = 0.01': Expected a quoted string value"),
+        (["--filter", "nonsense"], "bad --filter 'nonsense'"),
+        (["--parent", "0123"], "no finished zar runs in experiment 'zar' under parent 0123"),
+        (["--parent", "a'b"], 'bad --parent "a\'b": a run id is'),
+        (["--filter", "params.lr = '0.5'"], "no finished zar runs in experiment 'zar' matching"),
+    ],
+)
 def test_compare_mistakes_are_one_line_and_non_zero(in_study, args, message):
     result = invoke("compare", *(["--parent", in_study.parent_id] if "--baseline" in args else []), *args)
     assert result.exit_code == 2, result.output
@@ -286,10 +300,18 @@ def test_compare_empty_experiment_is_an_error(store):
 
 # --- runs written through MLflow's client: how other tools may spell the same values ---------------------
 
+
 def logged_run(client, experiment_id, model, train_acc, val_acc, status="FINISHED", **params):
     run_id = client.create_run(experiment_id).info.run_id
-    for key, value in {"lr": "0.001", "weight_decay": "0.0001", "epochs": "1", "data": "synthetic",
-                       "dataset": "synthetic", "num_classes": "4", **params}.items():
+    for key, value in {
+        "lr": "0.001",
+        "weight_decay": "0.0001",
+        "epochs": "1",
+        "data": "synthetic",
+        "dataset": "synthetic",
+        "num_classes": "4",
+        **params,
+    }.items():
         client.log_param(run_id, key, value)
     client.set_tag(run_id, "zar.model", model)
     client.set_tag(run_id, "zar.split_fingerprint", "f" * 16)
@@ -321,8 +343,9 @@ def test_runs_still_running_or_killed_are_counted_as_left_out(store):
     result = invoke("compare", "--experiment", "mixed", "--format", "json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)[0]["val_acc_mean"] == pytest.approx(80.0)
-    assert result.stderr == ("1 runs used, 2 left out (1 KILLED, 1 RUNNING; "
-                             "--include-unfinished counts unfinished runs).\n")
+    assert result.stderr == (
+        "1 runs used, 2 left out (1 KILLED, 1 RUNNING; --include-unfinished counts unfinished runs).\n"
+    )
     result = invoke("compare", "--experiment", "mixed", "--format", "json", "--include-unfinished")
     assert json.loads(result.stdout)[0]["val_acc_mean"] == pytest.approx(70.0)
 
@@ -348,8 +371,11 @@ def test_compare_leaves_the_failed_run_out_unless_asked(in_failed_study):
 
 
 def test_repeated_seeds_are_named():
-    rows = [row("resnet", "ResNet-34", 0.9, 0.8), row("resnet", "ResNet-34", 0.9, 0.8),
-            row("se", "SE-ResNet-34", 0.91, 0.82)]
+    rows = [
+        row("resnet", "ResNet-34", 0.9, 0.8),
+        row("resnet", "ResNet-34", 0.9, 0.8),
+        row("se", "SE-ResNet-34", 0.91, 0.82),
+    ]
     rows[0].seed = rows[1].seed = "42"
     rows[2].seed = "42"
     assert repeated_seeds(rows) == ["ResNet-34 seed 42 x2"]

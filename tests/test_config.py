@@ -29,20 +29,23 @@ def test_overrides_win_and_none_means_unset(tmp_path):
     assert (cfg.epochs, cfg.lr, cfg.batch_size) == (5, 0.01, 32)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("epochs: 0\n", "config key 'epochs' must be >= 1, got 0"),
-    ("val_ratio: 1.0\n", "config key 'val_ratio' must be between 0 and 1 (exclusive), got 1.0"),
-    ("lr: -1\n", "config key 'lr' must be > 0 and finite, got -1.0"),
-    ("lr: .nan\n", "config key 'lr' must be > 0 and finite, got nan"),
-    ("epochs: ten\n", "config key 'epochs' must be int, got str 'ten'"),
-    ("epochs: 2.5\n", "config key 'epochs' must be int, got float 2.5"),
-    ("batch_size: true\n", "config key 'batch_size' must be int, got bool True"),
-    ("optimizer: lion\n", "config key 'optimizer' must be one of adamw, adam, sgd, got 'lion'"),
-    ("depth: 50\n", "config key 'depth' must be one of 18, 34, got 50"),
-    ("learning_rate: 0.1\n", "unknown config key 'learning_rate'"),
-    ("epochs: [1, 2\n", "malformed YAML"),
-    ("- 1\n- 2\n", "must hold a mapping of config keys, got list"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("epochs: 0\n", "config key 'epochs' must be >= 1, got 0"),
+        ("val_ratio: 1.0\n", "config key 'val_ratio' must be between 0 and 1 (exclusive), got 1.0"),
+        ("lr: -1\n", "config key 'lr' must be > 0 and finite, got -1.0"),
+        ("lr: .nan\n", "config key 'lr' must be > 0 and finite, got nan"),
+        ("epochs: ten\n", "config key 'epochs' must be int, got str 'ten'"),
+        ("epochs: 2.5\n", "config key 'epochs' must be int, got float 2.5"),
+        ("batch_size: true\n", "config key 'batch_size' must be int, got bool True"),
+        ("optimizer: lion\n", "config key 'optimizer' must be one of adamw, adam, sgd, got 'lion'"),
+        ("depth: 50\n", "config key 'depth' must be one of 18, 34, got 50"),
+        ("learning_rate: 0.1\n", "unknown config key 'learning_rate'"),
+        ("epochs: [1, 2\n", "malformed YAML"),
+        ("- 1\n- 2\n", "must hold a mapping of config keys, got list"),
+    ],
+)
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -63,8 +66,14 @@ def test_config_is_frozen():
         TrainConfig().lr = 0.1  # type: ignore[misc]
 
 
-values = st.one_of(st.none(), st.booleans(), st.integers(-5, 300), st.floats(allow_nan=True, allow_infinity=True),
-                   st.text(max_size=8), st.lists(st.integers(), max_size=2))
+values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(), max_size=2),
+)
 keys = st.one_of(st.sampled_from(sorted(FIELD_TYPES)), st.text(min_size=1, max_size=10))
 
 

@@ -136,8 +136,9 @@ def test_batches_from_a_shuffling_loader_equal_stacked_single_items(tmp_path):
     data = load(write_folder(tmp_path / "pets", per_class=9))
 
     def batches(dataset):
-        return list(DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1),
-                               drop_last=True))
+        return list(
+            DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1), drop_last=True)
+        )
 
     batched, one_by_one = batches(data.train), batches(OneByOne(data.train))
     assert len(batched) == len(data.train) // 4
@@ -206,8 +207,7 @@ def test_a_truncated_jpeg_is_named_and_skipped_on_request_also_on_a_cache_hit(tm
     truncate(bad)
     with pytest.raises(DataError) as e:
         load(folder)
-    assert str(e.value) == (f"unreadable image {bad} (truncated or not an image); "
-                            "remove it or pass --skip-bad-images")
+    assert str(e.value) == (f"unreadable image {bad} (truncated or not an image); remove it or pass --skip-bad-images")
     skipping = load(folder, skip_bad_images=True)  # a hit: the failed run built the cache
     assert skipping.skipped == [os.path.join("dog", "3.jpg")]
     assert len(skipping.train) + len(skipping.val) == 11
@@ -260,8 +260,10 @@ print(imagecache.load(root, ["cat", "dog"], files, 24, workers=1).digest)
 
 def test_processes_building_the_same_cache_at_once_share_one_complete_copy(tmp_path, cache):
     folder = write_folder(tmp_path / "pets", per_class=30)
-    runs = [subprocess.Popen([sys.executable, "-c", BUILD, str(folder)], stdout=subprocess.PIPE, text=True)
-            for _ in range(3)]
+    runs = [
+        subprocess.Popen([sys.executable, "-c", BUILD, str(folder)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
     digests = {run.communicate(timeout=120)[0].strip() for run in runs}
     assert all(run.returncode == 0 for run in runs) and len(digests) == 1
     assert sorted(p.suffix for p in cache.iterdir()) == [".json", ".json", ".lock", ".npy"]  # no temp files
@@ -320,7 +322,13 @@ def test_tensor_data_fingerprint_is_stable_and_names_the_image_size(source):
 
 
 def test_the_benchmark_runs_tiny():
-    result = subprocess.run([sys.executable, "benchmarks/bench_loader.py", "--images", "40", "--size", "32"],
-                            check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "benchmarks/bench_loader.py", "--images", "40", "--size", "32"],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "(c)/(a)" in result.stdout and ">= 20x" in result.stdout

@@ -14,8 +14,14 @@ CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="c
 
 def new_trainer(data) -> Trainer:
     torch.manual_seed(CFG.seed)
-    return Trainer(build_model("resnet", CFG.depth, len(data.classes)), data.train, data.val, CFG,
-                   torch.device("cpu"), progress=False)
+    return Trainer(
+        build_model("resnet", CFG.depth, len(data.classes)),
+        data.train,
+        data.val,
+        CFG,
+        torch.device("cpu"),
+        progress=False,
+    )
 
 
 def test_state_dict_round_trip_continues_as_an_uninterrupted_run():

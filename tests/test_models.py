@@ -109,7 +109,12 @@ def test_unknown_variant_and_depth_fail_clearly():
 
 def test_display_names_follow_depth_and_reduction():
     assert [v.display_name(34) for v in VARIANTS.values()] == [
-        "Plain-34", "ResNet-34", "SE-ResNet-34", "Mish-ResNet-34", "SE-Mish-ResNet-34"]
+        "Plain-34",
+        "ResNet-34",
+        "SE-ResNet-34",
+        "Mish-ResNet-34",
+        "SE-Mish-ResNet-34",
+    ]
     assert get_variant("se").display_name(18, se_reduction=8) == "SE-ResNet-18 (r=8)"
     assert get_variant("resnet").display_name(18, se_reduction=8) == "ResNet-18"
 

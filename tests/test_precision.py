@@ -6,8 +6,15 @@ from mlflow.tracking import MlflowClient
 
 from zar.config import load_config
 from zar.data import load_data
-from zar.engine import (AUTO_BF16_MIN_IMAGE_SIZE, EVAL_BATCH_SIZE, Trainer, evaluate, make_optimizer,
-                        native_bf16, resolve_precision)
+from zar.engine import (
+    AUTO_BF16_MIN_IMAGE_SIZE,
+    EVAL_BATCH_SIZE,
+    Trainer,
+    evaluate,
+    make_optimizer,
+    native_bf16,
+    resolve_precision,
+)
 from zar.models import build_model
 
 TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]

@@ -29,8 +29,12 @@ def history(run_id, key):
 
 def start_and_signal(sig, after_epoch=2, extra=()):
     """Start `zar train` for 4 epochs, send `sig` a moment into epoch after_epoch + 1."""
-    proc = subprocess.Popen([sys.executable, "-m", "zar", "train", *FOUR_EPOCHS, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zar", "train", *FOUR_EPOCHS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -168,9 +172,17 @@ def test_unreachable_tracking_server_fails_fast_and_clearly(tmp_path, command):
 @pytest.mark.slow
 def test_four_processes_share_one_new_sqlite_store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # not created yet: the racy case
-    procs = [subprocess.Popen([sys.executable, "-m", "zar", "train", *TINY, "--epochs", "2", "--seed", str(i)],
-                              cwd=tmp_path, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "zar", "train", *TINY, "--epochs", "2", "--seed", str(i)],
+            cwd=tmp_path,
+            env={**__import__("os").environ, "MLFLOW_TRACKING_URI": uri},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-2000:] for _, err in outputs]
     mlflow.set_tracking_uri(uri)
@@ -192,13 +204,21 @@ bad_values = {
     "optimizer": st.sampled_from(["lion", 3]),
     "depth": st.sampled_from([50, 0]),
 }
-good_values = {"lr": st.floats(1e-5, 1.0), "epochs": st.integers(1, 3), "seed": st.integers(0, 100),
-               "weight_decay": st.floats(0, 0.1), "optimizer": st.sampled_from(["adamw", "sgd"])}
+good_values = {
+    "lr": st.floats(1e-5, 1.0),
+    "epochs": st.integers(1, 3),
+    "seed": st.integers(0, 100),
+    "weight_decay": st.floats(0, 0.1),
+    "optimizer": st.sampled_from(["adamw", "sgd"]),
+}
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(bad=st.sampled_from(sorted(bad_values)).flatmap(lambda k: st.tuples(st.just(k), bad_values[k])),
-       good=st.fixed_dictionaries({}, optional=good_values), unknown=st.booleans())
+@given(
+    bad=st.sampled_from(sorted(bad_values)).flatmap(lambda k: st.tuples(st.just(k), bad_values[k])),
+    good=st.fixed_dictionaries({}, optional=good_values),
+    unknown=st.booleans(),
+)
 def test_any_bad_params_file_is_one_line_exit_2_and_no_run(store, zar, tmp_path, bad, good, unknown):
     key, value = bad
     config = {**good, key: value}

@@ -13,8 +13,18 @@ from zar.variants import VARIANTS
 ZAR = Path(__file__).resolve().parents[1] / "zar"
 MODULES = sorted(ZAR.glob("*.py"))
 MLFLOW_MODULES = {"tracking.py"}  # the one boundary to MLflow
-CLICK_FREE = {"config.py", "data.py", "models.py", "engine.py", "errors.py", "checks.py", "variants.py",
-              "imagecache.py", "runs.py", "tracking.py"}
+CLICK_FREE = {
+    "config.py",
+    "data.py",
+    "models.py",
+    "engine.py",
+    "errors.py",
+    "checks.py",
+    "variants.py",
+    "imagecache.py",
+    "runs.py",
+    "tracking.py",
+}
 
 
 def imported(path: Path) -> set[str]:
@@ -30,9 +40,13 @@ def imported(path: Path) -> set[str]:
 
 def private_imports(path: Path) -> list[str]:
     """Names starting with '_' that a module takes from another zar module."""
-    return [f"{node.module}.{alias.name}" for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ImportFrom) and node.level == 1
-            for alias in node.names if alias.name.startswith("_")]
+    return [
+        f"{node.module}.{alias.name}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)

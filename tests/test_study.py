@@ -22,6 +22,7 @@ THREE_EPOCHS = epochs(3)
 
 # --- one study in this process (conftest's ``study`` and ``failed_study``) ------------------------------
 
+
 def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
     client = MlflowClient()
     parent = client.get_run(in_study.parent_id)
@@ -31,7 +32,11 @@ def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
     assert len(kids) == 4
     assert all(k.info.status == "FINISHED" for k in kids)
     assert sorted((k.data.tags["zar.model"], k.data.params["seed"]) for k in kids) == [
-        ("plain", "1"), ("plain", "2"), ("resnet", "1"), ("resnet", "2")]
+        ("plain", "1"),
+        ("plain", "2"),
+        ("resnet", "1"),
+        ("resnet", "2"),
+    ]
     assert in_study.lr_run_id not in {k.info.run_id for k in kids}
     assert f"/runs/{in_study.parent_id}" in in_study.output
 
@@ -61,8 +66,9 @@ def test_study_parent_keeps_the_table_and_two_charts(in_study):
 def test_study_goes_on_past_a_failed_child_and_ends_failed(in_failed_study):
     s = in_failed_study
     assert s.exit_code == 1
-    assert s.output.splitlines()[-1] == ("Error: 1 of 2 runs failed: plain seed 1: "
-                                         "OSError: [Errno 28] No space left on device")
+    assert s.output.splitlines()[-1] == (
+        "Error: 1 of 2 runs failed: plain seed 1: OSError: [Errno 28] No space left on device"
+    )
     kids = {k.data.tags["zar.model"]: k for k in children(s.parent_id)}
     assert kids["plain"].info.status == "FAILED"
     assert "No space left on device" in kids["plain"].data.tags["zar.error"]
@@ -132,8 +138,9 @@ def test_parallel_study_gives_the_sequential_table(store):
 
 
 def start_study(*args):
-    return subprocess.Popen([sys.executable, "-m", "zar", "study", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "zar", "study", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
@@ -142,15 +149,13 @@ def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("[plain seed 1] epoch   1/3"):
-            (child,) = [c for c in psutil.Process(proc.pid).children()
-                        if "plain" in c.cmdline()]
+            (child,) = [c for c in psutil.Process(proc.pid).children() if "plain" in c.cmdline()]
             child.kill()
             break
     out, _ = proc.communicate(timeout=300)
     output = "".join(lines) + out
     assert proc.returncode == 1, output
-    assert output.splitlines()[-1] == ("Error: 1 of 2 runs failed: plain seed 1: "
-                                       "process ended with signal SIGKILL")
+    assert output.splitlines()[-1] == ("Error: 1 of 2 runs failed: plain seed 1: process ended with signal SIGKILL")
     status = {r.data.tags.get("zar.model", "study"): r for r in runs()}
     assert status["plain"].info.status == "FAILED"  # closed by the study: its own process could not
     assert "without closing the run" in status["plain"].data.tags["zar.error"]
@@ -172,5 +177,6 @@ def test_interrupting_a_parallel_study_leaves_no_run_running(store):
     assert "study run" in output.splitlines()[-1] and "marked KILLED" in output.splitlines()[-1]
     found = runs()
     assert len(found) == 3 and {r.info.status for r in found} == {"KILLED"}, [
-        (r.info.run_name, r.info.status, r.data.tags.get("zar.error")) for r in found]
+        (r.info.run_name, r.info.status, r.data.tags.get("zar.error")) for r in found
+    ]
     assert not [c for c in psutil.Process().children(recursive=True) if "zar" in " ".join(c.cmdline())]

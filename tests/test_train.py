@@ -19,10 +19,31 @@ from helpers import ROOT, TINY, all_runs, zar_subprocess
 
 EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
 END_METRICS = ["best_val_acc", "best_epoch", "train_acc_at_best", "params_total", "params_trainable"]
-PARAMS = ["lr", "batch_size", "epochs", "optimizer", "weight_decay", "seed", "val_ratio", "image_size",
-          "workers", "model", "depth", "dataset", "num_classes", "device", *FIELD_TYPES]
-ARTIFACTS = ["confusion_matrix.png", "confusion_matrix.json", "acc_curve.png", "loss_curve.png",
-             "classification_report.json", "config.yaml"]
+PARAMS = [
+    "lr",
+    "batch_size",
+    "epochs",
+    "optimizer",
+    "weight_decay",
+    "seed",
+    "val_ratio",
+    "image_size",
+    "workers",
+    "model",
+    "depth",
+    "dataset",
+    "num_classes",
+    "device",
+    *FIELD_TYPES,
+]
+ARTIFACTS = [
+    "confusion_matrix.png",
+    "confusion_matrix.json",
+    "acc_curve.png",
+    "loss_curve.png",
+    "classification_report.json",
+    "config.yaml",
+]
 
 
 def only_run(experiment="zar"):
@@ -164,15 +185,18 @@ def test_skip_bad_images_logs_their_list(store, zar, tmp_path):
     assert text.split() == [os.path.join("a", "2.png")]
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--model", "resnext"], "unknown model 'resnext'; valid: plain, resnet, se, mish, se_mish"),
-    (["--epochs", "0"], "config key 'epochs' must be >= 1, got 0"),
-    (["--val-ratio", "1.5"], "config key 'val_ratio' must be between 0 and 1"),
-    (["--epochs", "x"], "'x' is not a valid integer"),
-    (["--optimizer", "lion"], "'lion' is not one of 'adamw', 'adam', 'sgd'"),
-    (["--bogus", "1"], "No such option '--bogus'. (see 'zar train --help')"),
-    (["--model", "nope"], "unknown model") if torch.cuda.is_available() else (["--device", "cuda"], "no CUDA GPU"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "resnext"], "unknown model 'resnext'; valid: plain, resnet, se, mish, se_mish"),
+        (["--epochs", "0"], "config key 'epochs' must be >= 1, got 0"),
+        (["--val-ratio", "1.5"], "config key 'val_ratio' must be between 0 and 1"),
+        (["--epochs", "x"], "'x' is not a valid integer"),
+        (["--optimizer", "lion"], "'lion' is not one of 'adamw', 'adam', 'sgd'"),
+        (["--bogus", "1"], "No such option '--bogus'. (see 'zar train --help')"),
+        (["--model", "nope"], "unknown model") if torch.cuda.is_available() else (["--device", "cuda"], "no CUDA GPU"),
+    ],
+)
 def test_bad_options_are_one_line_exit_2_and_no_run(store, zar, args, message):
     result = zar("train", *TINY, *args)
     assert result.exit_code == 2, result.output
@@ -204,8 +228,13 @@ def mlflow_run(*args, cwd, uri):
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": path}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local",
-                           "--experiment-name", "zar", *args], capture_output=True, text=True, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(ROOT), "--env-manager", "local", "--experiment-name", "zar", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
 
 
 TINY_P = ["-P", "data=synthetic", "-P", "epochs=1", "-P", "depth=18", "-P", "image_size=16"]

@@ -38,8 +38,12 @@ def config_options(fn):
             among = f"{', '.join(map(str, choices))}; " if choices and f.type != "str" else ""
             option = click.option(*names, f.name, type=kind, default=None, help=f"{text} ({among}default {f.default}).")
         fn = option(fn)
-    fn = click.option("--params", "params_file", type=click.Path(dir_okay=False),
-                      help="YAML file of config keys (e.g. params/seed.yaml); options override it.")(fn)
+    fn = click.option(
+        "--params",
+        "params_file",
+        type=click.Path(dir_okay=False),
+        help="YAML file of config keys (e.g. params/seed.yaml); options override it.",
+    )(fn)
 
     @functools.wraps(fn)
     def wrapper(params_file, **kwargs):
@@ -48,6 +52,7 @@ def config_options(fn):
             if f.type == "bool":
                 value = kwargs.pop(f"{f.name}_value")
                 overrides[f.name] = overrides[f.name] if value is None else value
+
         def cfg_loader():
             return load_config(params_file, overrides)
 
@@ -58,8 +63,12 @@ def config_options(fn):
     return wrapper
 
 
-experiment_option = click.option("--experiment", default=DEFAULT_EXPERIMENT, show_default=True,
-                                 help="MLflow experiment to write runs to and read them from.")
+experiment_option = click.option(
+    "--experiment",
+    default=DEFAULT_EXPERIMENT,
+    show_default=True,
+    help="MLflow experiment to write runs to and read them from.",
+)
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
 
 
@@ -127,18 +136,28 @@ def models(depth, num_classes):
 @click.option("--model", "model_name", help=f"Architecture: {', '.join(VARIANTS)}.  [default: resnet]")
 @config_options
 @experiment_option
-@click.option("--resume", "resume_run", metavar="RUN_ID",
-              help="Continue this stopped run from its last checkpoint (other options are taken from it).")
-@click.option("--parent-run", metavar="RUN_ID", hidden=True,
-              help="Train as a child of this study run (how 'zar study --jobs' starts its children).")
+@click.option(
+    "--resume",
+    "resume_run",
+    metavar="RUN_ID",
+    help="Continue this stopped run from its last checkpoint (other options are taken from it).",
+)
+@click.option(
+    "--parent-run",
+    metavar="RUN_ID",
+    hidden=True,
+    help="Train as a child of this study run (how 'zar study --jobs' starts its children).",
+)
 @no_progress_option
 def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progress):
     """Train one architecture and record the run in MLflow."""
     if resume_run:
         ignored = cfg_loader.given + (["model"] if model_name else [])
         if ignored:
-            raise click.UsageError(f"--resume continues a run with its own settings; drop "
-                                   f"{', '.join('--' + k.replace('_', '-') for k in ignored)}")
+            raise click.UsageError(
+                f"--resume continues a run with its own settings; drop "
+                f"{', '.join('--' + k.replace('_', '-') for k in ignored)}"
+            )
     else:
         cfg = cfg_loader()
         model_name = known_model(model_name or "resnet").name
@@ -162,18 +181,32 @@ def _csv(kind):
             return [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
             raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {value!r}") from None
+
     return parse
 
 
 @cli.command()
-@click.option("--models", default=",".join(VARIANTS), show_default=True, callback=_csv(str),
-              help="Comma-separated architectures to train.")
-@click.option("--seeds", callback=_csv(int),
-              help="Comma-separated training seeds; several give mean ± std per architecture.  [default: --seed]")
+@click.option(
+    "--models",
+    default=",".join(VARIANTS),
+    show_default=True,
+    callback=_csv(str),
+    help="Comma-separated architectures to train.",
+)
+@click.option(
+    "--seeds",
+    callback=_csv(int),
+    help="Comma-separated training seeds; several give mean ± std per architecture.  [default: --seed]",
+)
 @click.option("--baseline", default="resnet", show_default=True, help="Architecture the others are compared to.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train up to this many children at once, each in its own process (one GPU each where "
-                   "there are several; the CPU cores split between them).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Train up to this many children at once, each in its own process (one GPU each where "
+    "there are several; the CPU cores split between them).",
+)
 @config_options
 @experiment_option
 @no_progress_option
@@ -207,13 +240,20 @@ def _check_study(models, seeds, baseline, cfg) -> None:
 @cli.command(name="compare")
 @experiment_option
 @click.option("--parent", metavar="RUN_ID", help="Only the child runs of this study run.")
-@click.option("--filter", "filter_string", metavar="FILTER",
-              help="MLflow search filter, e.g. \"params.epochs = '10'\".")
+@click.option(
+    "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
+)
 @click.option("--baseline", default="resnet", show_default=True, help="Row the others are compared to.")
-@click.option("--select", type=click.Choice(["last", "best"]), default="last", show_default=True,
-              help="Final-epoch accuracies, or those of the epoch with the best val_acc.")
-@click.option("--format", "fmt", type=click.Choice(["markdown", "csv", "json", "latex"]), default="markdown",
-              show_default=True)
+@click.option(
+    "--select",
+    type=click.Choice(["last", "best"]),
+    default="last",
+    show_default=True,
+    help="Final-epoch accuracies, or those of the epoch with the best val_acc.",
+)
+@click.option(
+    "--format", "fmt", type=click.Choice(["markdown", "csv", "json", "latex"]), default="markdown", show_default=True
+)
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write the table to this file.")
 @click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
@@ -276,8 +316,14 @@ def runs(experiment, stale, mark_failed):
             alive = run_life.process_alive(tags)
             state += {True: " (process alive)", False: " (process gone)", None: " (other machine)"}[alive]
         val = run.data.metrics.get("val_acc")
-        rows.append((run.info.run_id, tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-"),
-                     state, "-" if val is None else f"{100 * val:.2f}"))
+        rows.append(
+            (
+                run.info.run_id,
+                tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-"),
+                state,
+                "-" if val is None else f"{100 * val:.2f}",
+            )
+        )
     if not rows:
         click.echo("No stale runs." if stale else f"No runs in experiment '{experiment}'.")
         return

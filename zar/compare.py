@@ -32,10 +32,29 @@ SELECT = ("last", "best")
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
 GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + ["dataset", "num_classes", "split_fingerprint"]
 # One pass over the characters, so that an escape is never escaped again; a bare < prints as ¡ in LaTeX.
-LATEX_ESCAPES = str.maketrans({"&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}",
-                               "±": r"$\pm$", "<": "$<$", ">": "$>$"})
-COLUMNS = ["Model", "Train Acc (%)", "Val Acc (%)", "Train - Val gap (pp)", "Val Acc vs baseline (pp)",
-           "Params (M)", "Runs"]
+LATEX_ESCAPES = str.maketrans(
+    {
+        "&": r"\&",
+        "%": r"\%",
+        "$": r"\$",
+        "#": r"\#",
+        "_": r"\_",
+        "{": r"\{",
+        "}": r"\}",
+        "±": r"$\pm$",
+        "<": "$<$",
+        ">": "$>$",
+    }
+)
+COLUMNS = [
+    "Model",
+    "Train Acc (%)",
+    "Val Acc (%)",
+    "Train - Val gap (pp)",
+    "Val Acc vs baseline (pp)",
+    "Params (M)",
+    "Runs",
+]
 
 
 @dataclass
@@ -76,8 +95,13 @@ class Fetched:
     left_out: Counter  # reason -> count
 
 
-def fetch_runs(experiment: str, parent: str | None = None, filter_string: str | None = None,
-               select: str = "last", include_unfinished: bool = False) -> Fetched:
+def fetch_runs(
+    experiment: str,
+    parent: str | None = None,
+    filter_string: str | None = None,
+    select: str = "last",
+    include_unfinished: bool = False,
+) -> Fetched:
     """The runs to compare, as rows, and how many were left out for which reason."""
     if parent and not re.fullmatch(r"[\w-]+", parent):
         raise ZarError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
@@ -109,18 +133,28 @@ def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunR
     hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
     hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
     model = tags[tracking.TAG_MODEL]
-    return RunRow(run.info.run_id, model, tags.get(tracking.TAG_DISPLAY, model), metrics[train_key], metrics[val_key],
-                  int(metrics.get("params_total", 0)), int(params.get("depth", 34) or 34), hparams,
-                  params.get("seed", ""))
+    return RunRow(
+        run.info.run_id,
+        model,
+        tags.get(tracking.TAG_DISPLAY, model),
+        metrics[train_key],
+        metrics[val_key],
+        int(metrics.get("params_total", 0)),
+        int(params.get("depth", 34) or 34),
+        hparams,
+        params.get("seed", ""),
+    )
 
 
 def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_string: str | None) -> None:
     """No row to compare is a mistake: say where zar looked and what it left out."""
     if not fetched.rows:
-        raise ZarError(f"no finished zar runs in experiment '{experiment}'"
-                       + (f" under parent {parent}" if parent else "")
-                       + (f" matching {filter_string!r}" if filter_string else "")
-                       + (f" ({describe_usage(0, fetched.left_out)})" if fetched.left_out else ""))
+        raise ZarError(
+            f"no finished zar runs in experiment '{experiment}'"
+            + (f" under parent {parent}" if parent else "")
+            + (f" matching {filter_string!r}" if filter_string else "")
+            + (f" ({describe_usage(0, fetched.left_out)})" if fetched.left_out else "")
+        )
 
 
 def check_comparable(rows: list[RunRow], strict: bool) -> list[str]:
@@ -215,8 +249,23 @@ def build_table(rows: list[RunRow], baseline: str = "resnet") -> list[TableRow]:
                 warnings.simplefilter("ignore", RuntimeWarning)
                 p = float(stats.ttest_ind(val, base_val, equal_var=False).pvalue)
             p = None if math.isnan(p) else p  # identical, constant samples have no test
-        table.append(TableRow(g[0].model, name, len(g), tm, ts, vm, vs, gm, gs, delta, p,
-                              statistics.fmean(r.params_total for r in g) / 1e6, is_base))
+        table.append(
+            TableRow(
+                g[0].model,
+                name,
+                len(g),
+                tm,
+                ts,
+                vm,
+                vs,
+                gm,
+                gs,
+                delta,
+                p,
+                statistics.fmean(r.params_total for r in g) / 1e6,
+                is_base,
+            )
+        )
     return table
 
 
@@ -235,8 +284,15 @@ def _delta(row: TableRow) -> str:
 
 
 def _cells(row: TableRow, pm: str = "±") -> list[str]:
-    return [row.name, _pm(row.train_acc_mean, row.train_acc_std, pm), _pm(row.val_acc_mean, row.val_acc_std, pm),
-            _pm(row.gap_mean, row.gap_std, pm, signed=True), _delta(row), f"{row.params_m:.2f}", str(row.runs)]
+    return [
+        row.name,
+        _pm(row.train_acc_mean, row.train_acc_std, pm),
+        _pm(row.val_acc_mean, row.val_acc_std, pm),
+        _pm(row.gap_mean, row.gap_std, pm, signed=True),
+        _delta(row),
+        f"{row.params_m:.2f}",
+        str(row.runs),
+    ]
 
 
 def render(table: list[TableRow], fmt: str = "markdown") -> str:
@@ -253,8 +309,12 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
     if fmt == "json":
         return json.dumps([asdict(r) for r in table], indent=2) + "\n"
     if fmt == "latex":
-        lines = [r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}", r"\hline",
-                 " & ".join(c.translate(LATEX_ESCAPES) for c in COLUMNS) + r" \\", r"\hline"]
+        lines = [
+            r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}",
+            r"\hline",
+            " & ".join(c.translate(LATEX_ESCAPES) for c in COLUMNS) + r" \\",
+            r"\hline",
+        ]
         lines += [" & ".join(c.translate(LATEX_ESCAPES) for c in _cells(r)) + r" \\" for r in table]
         lines += [r"\hline", r"\end{tabular}"]
         return "\n".join(lines) + "\n"
@@ -265,5 +325,6 @@ def describe_usage(used: int, left_out: Counter) -> str:
     if not left_out:
         return f"{used} runs used, none left out."
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(left_out.items()))
-    return (f"{used} runs used, {sum(left_out.values())} left out "
-            f"({reasons}; --include-unfinished counts unfinished runs).")
+    return (
+        f"{used} runs used, {sum(left_out.values())} left out ({reasons}; --include-unfinished counts unfinished runs)."
+    )

@@ -46,11 +46,13 @@ class TrainConfig:
     workers: int = key(0, "data-loader worker processes")
     depth: int = key(34, "ResNet depth", DEPTHS)
     se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)")
-    data: str = key("digits", "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one "
-                              "sub-folder per class")
+    data: str = key(
+        "digits", "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class"
+    )
     device: str = key("auto", "where to train (auto: cuda when there is a GPU)", DEVICES)
-    precision: str = key("fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)",
-                         PRECISIONS)
+    precision: str = key(
+        "fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)", PRECISIONS
+    )
     skip_bad_images: bool = key(False, "leave unreadable images out (listed in skipped_images.txt) instead of stopping")
 
     def __post_init__(self):
@@ -108,9 +110,7 @@ def _check_types(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         wanted = PY_TYPES[type_name]
         if not isinstance(value, wanted) or (type_name != "bool" and isinstance(value, bool)):
-            raise ConfigError(
-                f"config key '{name}' must be {type_name}, got {type(value).__name__} {value!r}"
-            )
+            raise ConfigError(f"config key '{name}' must be {type_name}, got {type(value).__name__} {value!r}")
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -118,9 +118,7 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source} must be a mapping of keys to values, got {type(values).__name__}")
     unknown = sorted(set(values) - set(FIELD_TYPES), key=str)
     if unknown:
-        raise ConfigError(
-            f"unknown config key {unknown[0]!r} in {source}; valid: {', '.join(FIELD_TYPES)}"
-        )
+        raise ConfigError(f"unknown config key {unknown[0]!r} in {source}; valid: {', '.join(FIELD_TYPES)}")
     return TrainConfig(**values)
 
 

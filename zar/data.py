@@ -199,8 +199,11 @@ class _BatchRow(torch.Tensor):
 def _collate_rows(rows, *, collate_fn_map=None) -> torch.Tensor:
     """The batch itself when ``rows`` are all of it, in order (as a DataLoader fetches them)."""
     batch = getattr(rows[0], "batch", None)
-    if batch is not None and len(rows) == len(batch) and all(
-            getattr(r, "batch", None) is batch and r.k == k for k, r in enumerate(rows)):
+    if (
+        batch is not None
+        and len(rows) == len(batch)
+        and all(getattr(r, "batch", None) is batch and r.k == k for k, r in enumerate(rows))
+    ):
         return batch
     return torch.stack([r.as_subclass(torch.Tensor) for r in rows])  # rows of several batches
 
@@ -215,8 +218,10 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     if not files:
         loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
         if not classes and loose:
-            raise DataError(f"data folder {root} holds images but no class sub-folders; "
-                            "put each class's images in a sub-folder named after the class")
+            raise DataError(
+                f"data folder {root} holds images but no class sub-folders; "
+                "put each class's images in a sub-folder named after the class"
+            )
         raise _no_images(root)
     return classes, files
 
@@ -234,12 +239,13 @@ def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def _no_images(root: Path) -> DataError:
-    return DataError(f"data folder {root} has no images; expected one sub-folder per class holding "
-                     f"{', '.join(sorted(IMG_EXTENSIONS))} files")
+    return DataError(
+        f"data folder {root} has no images; expected one sub-folder per class holding "
+        f"{', '.join(sorted(IMG_EXTENSIONS))} files"
+    )
 
 
-def _readable_rows(root: Path, files: list[tuple[str, int]], unreadable: list[int],
-                   skip_bad_images: bool) -> list[int]:
+def _readable_rows(root: Path, files: list[tuple[str, int]], unreadable: list[int], skip_bad_images: bool) -> list[int]:
     """The rows to train on: all but the unreadable ones, which are an error unless skipped."""
     if unreadable and not skip_bad_images:
         raise DataError(

@@ -108,8 +108,9 @@ class Precision:
         return x.to(self.device, non_blocking=True, memory_format=self.memory_format)
 
 
-def train_one_epoch(model, loader, optimizer, precision: Precision, epoch: int,
-                    progress: bool = True) -> tuple[float, float]:
+def train_one_epoch(
+    model, loader, optimizer, precision: Precision, epoch: int, progress: bool = True
+) -> tuple[float, float]:
     """Returns (mean loss, accuracy) over the epoch's training batches."""
     model.train()
     criterion = nn.CrossEntropyLoss()
@@ -152,8 +153,15 @@ def evaluate(model, loader, precision: Precision) -> Evaluation:
 class Trainer:
     """The study's loop: seeded shuffling, one optimizer step per batch, evaluation per epoch."""
 
-    def __init__(self, model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: TrainConfig,
-                 device: torch.device, progress: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        cfg: TrainConfig,
+        device: torch.device,
+        progress: bool = True,
+    ):
         self.cfg, self.device, self.progress = cfg, device, progress
         self.precision = Precision(resolve_precision(cfg.precision, device, cfg.image_size), device)
         self.model = model.to(device, memory_format=self.precision.memory_format)
@@ -162,10 +170,18 @@ class Trainer:
         # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
         drop_last = len(train_set) % cfg.batch_size == 1 and len(train_set) > 1
         pin = device.type == "cuda"
-        self.train_loader = DataLoader(train_set, cfg.batch_size, shuffle=True, generator=self.generator,
-                                       num_workers=cfg.workers, drop_last=drop_last, pin_memory=pin)
-        self.val_loader = DataLoader(val_set, max(cfg.batch_size, EVAL_BATCH_SIZE), num_workers=cfg.workers,
-                                     pin_memory=pin)
+        self.train_loader = DataLoader(
+            train_set,
+            cfg.batch_size,
+            shuffle=True,
+            generator=self.generator,
+            num_workers=cfg.workers,
+            drop_last=drop_last,
+            pin_memory=pin,
+        )
+        self.val_loader = DataLoader(
+            val_set, max(cfg.batch_size, EVAL_BATCH_SIZE), num_workers=cfg.workers, pin_memory=pin
+        )
         self.last_evaluation: Evaluation | None = None
         self.epoch = 0  # last completed epoch
         self.history: list[EpochResult] = []
@@ -195,8 +211,11 @@ class Trainer:
         return self.last_evaluation
 
     def summary(self) -> dict[str, float]:
-        return {"best_val_acc": self.best_val_acc, "best_epoch": self.best_epoch,
-                "train_acc_at_best": self.train_acc_at_best}
+        return {
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+            "train_acc_at_best": self.train_acc_at_best,
+        }
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}

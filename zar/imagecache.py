@@ -92,8 +92,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ZAR_CACHE_DIR") or Path.home() / ".cache" / "zar") / "images"
 
 
-def load(root: Path, classes: list[str], files: list[tuple[str, int]], image_size: int,
-         workers: int | None = None) -> CachedFolder:
+def load(
+    root: Path, classes: list[str], files: list[tuple[str, int]], image_size: int, workers: int | None = None
+) -> CachedFolder:
     """The cache of ``files`` ((path relative to ``root``, class index) in listing order).
 
     Builds it when missing; ``workers`` processes decode (default: one per core, none for a few
@@ -108,12 +109,14 @@ def load(root: Path, classes: list[str], files: list[tuple[str, int]], image_siz
         finally:
             pool.close()
     except OSError as e:
-        raise CacheError(f"cannot use the image cache in {directory}: {e.strerror or e}; "
-                         "set ZAR_CACHE_DIR to a writable folder") from None
+        raise CacheError(
+            f"cannot use the image cache in {directory}: {e.strerror or e}; set ZAR_CACHE_DIR to a writable folder"
+        ) from None
 
 
-def _load(directory: Path, root: Path, classes: list[str], files: list[tuple[str, int]],
-          image_size: int, pool: _Workers) -> CachedFolder:
+def _load(
+    directory: Path, root: Path, classes: list[str], files: list[tuple[str, int]], image_size: int, pool: _Workers
+) -> CachedFolder:
     stat_cache = StatCache(directory / f"stats-{_short_hash(os.fsencode(root.resolve()))}.json")
     rels = [rel for rel, _ in files]
     stats, hashed = _stats(root, rels, stat_cache, pool)
@@ -131,15 +134,15 @@ def _load(directory: Path, root: Path, classes: list[str], files: list[tuple[str
                     # so that the next run reads them again instead of failing the same way.
                     forget = set(e.rows)
                     stat_cache.save({rels[i]: st for i, st in enumerate(stats) if i not in forget})
-                    raise CacheError(f"image {root / printable(rels[e.rows[0]])} changed while zar was "
-                                     "reading the folder; run again") from None
+                    raise CacheError(
+                        f"image {root / printable(rels[e.rows[0]])} changed while zar was reading the folder; run again"
+                    ) from None
                 decoded = len(files)
     stat_cache.save(dict(zip(rels, stats)))
     return CachedFolder(digest, store.pixels, unreadable, hashed, decoded)
 
 
-def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat],
-                   image_size: int) -> str:
+def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat], image_size: int) -> str:
     """sha256 over (path, class, size, sha256 of the bytes) of every file, the classes and the size.
 
     Paths are hashed as the file system's bytes, so names that are not UTF-8 work too.
@@ -147,8 +150,7 @@ def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list
     h = hashlib.sha256(f"zar image folder v{CACHE_VERSION}, size {image_size}\n".encode())
     h.update(b"\0".join(os.fsencode(c) for c in classes) + b"\n")
     for (rel, label), st in zip(files, stats):
-        h.update(b"%s\0%s\0%d\0%s\n" % (os.fsencode(rel), os.fsencode(classes[label]), st.size,
-                                         st.sha256.encode()))
+        h.update(b"%s\0%s\0%d\0%s\n" % (os.fsencode(rel), os.fsencode(classes[label]), st.size, st.sha256.encode()))
     return h.hexdigest()
 
 
@@ -183,8 +185,7 @@ class StatCache:
     def save(self, stats: dict[str, FileStat]) -> None:
         """Remembers ``stats`` (files gone from the folder are forgotten), except racy ones."""
         now = time.time_ns()
-        trusted = {rel: list(st) for rel, st in stats.items()
-                   if st.sha256 and now - st.mtime_ns >= RACY_NS}
+        trusted = {rel: list(st) for rel, st in stats.items() if st.sha256 and now - st.mtime_ns >= RACY_NS}
         if trusted != {rel: list(st) for rel, st in self.known.items()}:
             # ensure_ascii escapes the lone surrogates that stand for non-UTF-8 bytes in names
             text = json.dumps({"version": CACHE_VERSION, "files": trusted}, ensure_ascii=True)
@@ -240,8 +241,7 @@ class _ImageStore:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if we are killed
             yield
 
-    def build(self, root: Path, rels: list[str], stats: list[FileStat], image_size: int,
-              pool: _Workers) -> list[int]:
+    def build(self, root: Path, rels: list[str], stats: list[FileStat], image_size: int, pool: _Workers) -> list[int]:
         """Decodes every file into a temporary .npy, then publishes it; returns unreadable rows."""
         fd, tmp = tempfile.mkstemp(dir=self.pixels.parent, prefix=self.pixels.name + ".", suffix=".tmp")
         os.close(fd)
@@ -319,7 +319,7 @@ class _Workers:
     def chunks(self, items: list[int]) -> list[list[int]]:
         """Consecutive runs of ``items``, about four per process, so that a slow one does not stall the rest."""
         size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (4 * self.processes))))
-        return [items[start:start + size] for start in range(0, len(items), size)]
+        return [items[start : start + size] for start in range(0, len(items), size)]
 
     def map(self, fn: Callable, jobs: list[tuple]) -> list:
         """``[fn(*job) for job in jobs]``, in the processes when there is more than one job."""

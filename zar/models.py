@@ -129,8 +129,15 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def _make_stage(in_channels: int, width: int, blocks: int, stride: int, skip: bool, act_layer: type[nn.Module],
-                attn_layer: Callable[[int], nn.Module] | None) -> nn.Sequential:
+def _make_stage(
+    in_channels: int,
+    width: int,
+    blocks: int,
+    stride: int,
+    skip: bool,
+    act_layer: type[nn.Module],
+    attn_layer: Callable[[int], nn.Module] | None,
+) -> nn.Sequential:
     """One stage: its first block changes width and stride, the others keep them."""
     layers = [BasicBlock(in_channels, width, stride, skip, act_layer, attn_layer)]
     layers += [BasicBlock(width, width, 1, skip, act_layer, attn_layer) for _ in range(blocks - 1)]

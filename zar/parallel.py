@@ -55,8 +55,9 @@ class Children:
         with self.lock:
             if self.stopping:
                 return None
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                    bufsize=1)
+            proc = subprocess.Popen(
+                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+            )
             self.procs[key] = proc
             return proc
 
@@ -76,8 +77,14 @@ class Children:
                 p.wait()
 
 
-def train_children(children: list[tuple[str, int]], configs: dict[int, TrainConfig], parent_run_id: str,
-                   experiment: str, jobs: int, echo: Callable[[str], None]) -> list[str]:
+def train_children(
+    children: list[tuple[str, int]],
+    configs: dict[int, TrainConfig],
+    parent_run_id: str,
+    experiment: str,
+    jobs: int,
+    echo: Callable[[str], None],
+) -> list[str]:
     """Train each (model, seed) as a child process of run ``parent_run_id``; returns the failures."""
     live = Children()
     failures: list[str] = []
@@ -88,9 +95,12 @@ def train_children(children: list[tuple[str, int]], configs: dict[int, TrainConf
             params[seed].write_text(to_yaml(cfg))
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:
-            futures = {pool.submit(_run_child, live, i % jobs, jobs, model, seed, params[seed], parent_run_id,
-                                   experiment, echo): (model, seed)
-                       for i, (model, seed) in enumerate(children)}
+            futures = {
+                pool.submit(
+                    _run_child, live, i % jobs, jobs, model, seed, params[seed], parent_run_id, experiment, echo
+                ): (model, seed)
+                for i, (model, seed) in enumerate(children)
+            }
             pending = set(futures)
             while pending:  # a timed wait, so that Ctrl-C reaches this thread at once
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
@@ -110,10 +120,24 @@ def train_children(children: list[tuple[str, int]], configs: dict[int, TrainConf
     return failures
 
 
-def _run_child(live: Children, slot: int, jobs: int, model: str, seed: int, params: Path, parent_run_id: str,
-               experiment: str, echo) -> str | None:
-    cmd = [sys.executable, "-m", "zar", "train", "--model", model, "--params", str(params),
-           "--experiment", experiment, "--parent-run", parent_run_id, "--no-progress"]
+def _run_child(
+    live: Children, slot: int, jobs: int, model: str, seed: int, params: Path, parent_run_id: str, experiment: str, echo
+) -> str | None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "zar",
+        "train",
+        "--model",
+        model,
+        "--params",
+        str(params),
+        "--experiment",
+        experiment,
+        "--parent-run",
+        parent_run_id,
+        "--no-progress",
+    ]
     proc = live.start((model, seed), cmd, child_env(slot, jobs))
     if proc is None:
         return None  # the study is stopping: this child never started
@@ -121,7 +145,7 @@ def _run_child(live: Children, slot: int, jobs: int, model: str, seed: int, para
     for line in proc.stdout:
         line = line.rstrip("\n")
         if line.startswith("Error: "):
-            last_error = line[len("Error: "):]
+            last_error = line[len("Error: ") :]
         echo(prefix + line)
     code = proc.wait()
     if code == 0 or live.stopping:
@@ -133,4 +157,3 @@ def _run_child(live: Children, slot: int, jobs: int, model: str, seed: int, para
 
 def _describe_exit(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-

@@ -36,15 +36,29 @@ def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], title: str, path
     size = min(12, 3 + 0.5 * n)
     fig, ax = plt.subplots(figsize=(size, size))
     ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=labels, yticklabels=labels,
-           xlabel="predicted", ylabel="true", title=title)
+    ax.set(
+        xticks=range(n),
+        yticks=range(n),
+        xticklabels=labels,
+        yticklabels=labels,
+        xlabel="predicted",
+        ylabel="true",
+        title=title,
+    )
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     if n <= 30:
         threshold = matrix.max() / 2 if matrix.size else 0
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=8,
-                        color="white" if matrix[i, j] > threshold else "black")
+                ax.text(
+                    j,
+                    i,
+                    int(matrix[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if matrix[i, j] > threshold else "black",
+                )
     return _save(fig, path)
 
 

@@ -63,8 +63,9 @@ def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
     except KeyboardInterrupt as e:
         _ignore_stop_signals()
         tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
-        raise Interrupted(f"interrupted: run {run_id} marked KILLED; continue it with "
-                          f"'zar train --resume {run_id}'") from None
+        raise Interrupted(
+            f"interrupted: run {run_id} marked KILLED; continue it with 'zar train --resume {run_id}'"
+        ) from None
     except Interrupted as e:  # a study's child was interrupted: the study stops too
         _ignore_stop_signals()
         tracking.end_run(run_id, KILLED, str(e))
@@ -115,8 +116,11 @@ def fail_env_run(reason: str) -> None:
 def process_tags() -> dict[str, str]:
     """Who is running this run: lets ``zar runs --stale`` tell a dead process from a live one."""
     proc = psutil.Process()
-    return {tracking.TAG_PID: str(proc.pid), tracking.TAG_HOST: socket.gethostname(),
-            tracking.TAG_PROC_START: f"{proc.create_time():.2f}"}
+    return {
+        tracking.TAG_PID: str(proc.pid),
+        tracking.TAG_HOST: socket.gethostname(),
+        tracking.TAG_PROC_START: f"{proc.create_time():.2f}",
+    }
 
 
 def process_alive(tags: dict[str, str]) -> bool | None:

@@ -23,9 +23,16 @@ class StudyResult:
     failures: list[str]
 
 
-def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
-              baseline: str = "resnet", progress: bool = True,
-              echo: Callable[[str], None] = training.print_line, jobs: int = 1) -> StudyResult:
+def run_study(
+    models: list[str],
+    seeds: list[int],
+    cfg: TrainConfig,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    baseline: str = "resnet",
+    progress: bool = True,
+    echo: Callable[[str], None] = training.print_line,
+    jobs: int = 1,
+) -> StudyResult:
     """Train every model with every seed as children of one parent run, then report the table.
 
     ``jobs > 1`` trains up to that many children at once, each in a process of its own.
@@ -38,8 +45,9 @@ def run_study(models: list[str], seeds: list[int], cfg: TrainConfig, experiment:
     parent = runs.start(experiment, run_name)  # under 'mlflow run', the run it made
     run_id = parent.info.run_id
     with runs.closing(run_id, {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name}):
-        tracking.log_params(run_id, {**cfg.to_dict(), "models": ",".join(models), "seeds": ",".join(map(str, seeds)),
-                                     "jobs": jobs})
+        tracking.log_params(
+            run_id, {**cfg.to_dict(), "models": ",".join(models), "seeds": ",".join(map(str, seeds)), "jobs": jobs}
+        )
         children = [(model, seed) for model in models for seed in seeds]
         if jobs > 1:
             failures = parallel.train_children(children, configs, run_id, experiment, jobs, echo)
@@ -84,13 +92,19 @@ def _report(run_id: str, experiment_id: str, models: list[str], baseline: str, e
         (out / "comparison.md").write_text(f"{markdown}\n{usage}\n")
         (out / "comparison.csv").write_text(compare.render(table, "csv"))
         several_seeds = len(fetched.rows) > len(names)
-        series = {(f"{r.name} seed {r.seed}" if several_seeds else r.name):
-                  [{"epoch": step, "val_acc": value} for step, value in tracking.metric_history(r.run_id, "val_acc")]
-                  for r in fetched.rows}
+        series = {
+            (f"{r.name} seed {r.seed}" if several_seeds else r.name): [
+                {"epoch": step, "val_acc": value} for step, value in tracking.metric_history(r.run_id, "val_acc")
+            ]
+            for r in fetched.rows
+        }
         plots.val_acc_per_epoch(series, out / "val_acc_per_epoch.png")
-        plots.final_val_acc_bars([r.name for r in table], [r.val_acc_mean for r in table],
-                                 [r.val_acc_std if r.val_acc_std is not None else 0.0 for r in table],
-                                 out / "final_val_acc.png")
+        plots.final_val_acc_bars(
+            [r.name for r in table],
+            [r.val_acc_mean for r in table],
+            [r.val_acc_std if r.val_acc_std is not None else 0.0 for r in table],
+            out / "final_val_acc.png",
+        )
         tracking.log_artifacts(run_id, tmp)
     echo("")
     echo(markdown)

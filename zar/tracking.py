@@ -48,8 +48,9 @@ TAG_DIVERGED = "zar.diverged_at"
 TAG_COMPARE = "zar.compare"
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PARENT = "mlflow.parentRunId"
-FINISHED, FAILED, KILLED, RUNNING = (RunStatus.to_string(s) for s in
-                                     (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING))
+FINISHED, FAILED, KILLED, RUNNING = (
+    RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING)
+)
 
 # MLflow's migrations and start-up chatter is noise on every command.
 for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils"):
@@ -89,7 +90,7 @@ def check_reachable(timeout: float = 5.0) -> None:
     if parsed.scheme in ("http", "https"):
         probe_server(uri, timeout)
     elif parsed.scheme == "sqlite":
-        db = Path(url2pathname(uri[len("sqlite:///"):])) if uri.startswith("sqlite:///") else None
+        db = Path(url2pathname(uri[len("sqlite:///") :])) if uri.startswith("sqlite:///") else None
         if db is None or str(db) in ("", ":memory:"):
             return
         db.parent.mkdir(parents=True, exist_ok=True)
@@ -141,8 +142,13 @@ def get_experiment_id(name: str, create: bool = True) -> str:
     return exp.experiment_id
 
 
-def start_run(experiment_id: str | None, run_name: str, nested: bool = False, run_id: str | None = None,
-              parent_run_id: str | None = None):
+def start_run(
+    experiment_id: str | None,
+    run_name: str,
+    nested: bool = False,
+    run_id: str | None = None,
+    parent_run_id: str | None = None,
+):
     """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
 
     ``parent_run_id`` names a parent held by another process (``zar study --jobs``).
@@ -152,9 +158,13 @@ def start_run(experiment_id: str | None, run_name: str, nested: bool = False, ru
     """
     if run_id is None and not nested:
         run_id = os.environ.get("MLFLOW_RUN_ID")
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                           run_name=None if run_id else run_name, nested=nested and parent_run_id is None,
-                           parent_run_id=parent_run_id)
+    run = mlflow.start_run(
+        run_id=run_id,
+        experiment_id=None if run_id else experiment_id,
+        run_name=None if run_id else run_name,
+        nested=nested and parent_run_id is None,
+        parent_run_id=parent_run_id,
+    )
     if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
         del os.environ["MLFLOW_RUN_ID"]
     return run
@@ -244,8 +254,9 @@ def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | 
     runs, token = [], None
     while True:
         try:
-            page = client().search_runs([experiment_id], filter_string, ViewType.ACTIVE_ONLY,
-                                        max_results=1000, page_token=token)
+            page = client().search_runs(
+                [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
         except MlflowException as e:
             if not user_filter or e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
@@ -294,8 +305,9 @@ def log_datasets(source: str, from_code: bool, splits: list[tuple[str, str, list
     """
     for context, name, ids, labels in splits:
         df = pd.DataFrame({"id": ids, "label": labels})
-        mlflow.log_input(mlflow.data.from_pandas(df, source=_dataset_source(source, from_code), name=name),
-                         context=context)
+        mlflow.log_input(
+            mlflow.data.from_pandas(df, source=_dataset_source(source, from_code), name=name), context=context
+        )
 
 
 def _dataset_source(source: str, from_code: bool):
@@ -342,5 +354,10 @@ def log_model(model, input_example, pip_requirements: list[str]) -> None:
     ``validate_serving_input=False``: MLflow would load the saved model back and run the example
     through it (2.5 s a run); zar's tests load a logged model and predict with it instead.
     """
-    mlflow.pytorch.log_model(model, name="model", input_example=input_example, pip_requirements=pip_requirements,
-                             validate_serving_input=False)
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        validate_serving_input=False,
+    )

@@ -85,9 +85,15 @@ def _build_trainer(job: Job, progress: bool) -> Trainer:
     return Trainer(model, job.data.train, job.data.val, job.cfg, job.device, progress)
 
 
-def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_EXPERIMENT,
-          progress: bool = True, echo: Callable[[str], None] = print_line,
-          data: DataBundle | None = None, parent_run_id: str | None = None) -> TrainingResult:
+def train(
+    model_name: str,
+    cfg: TrainConfig,
+    experiment: str = tracking.DEFAULT_EXPERIMENT,
+    progress: bool = True,
+    echo: Callable[[str], None] = print_line,
+    data: DataBundle | None = None,
+    parent_run_id: str | None = None,
+) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
     Mistakes (unknown model, bad data) raise ZarError before any run exists. ``data``, when
@@ -100,21 +106,27 @@ def train(model_name: str, cfg: TrainConfig, experiment: str = tracking.DEFAULT_
     run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
     job.run = runs.start(experiment, run_name, parent_run_id)
     job.ckpt = tracking.checkpoint_path(job.run)
-    with runs.closing(job.run_id, {
-        tracking.TAG_RUN_NAME: run_name,
-        tracking.TAG_MODEL: model_name,
-        tracking.TAG_DISPLAY: job.display,
-        tracking.TAG_FINGERPRINT: data.fingerprint,
-        tracking.TAG_DEVICE: str(job.device),
-        tracking.TAG_CHECKPOINT: str(job.ckpt),
-    }):
-        tracking.log_params(job.run_id, {**cfg.to_dict(), "model": model_name, "dataset": data.name,
-                                         "num_classes": len(data.classes)})
+    with runs.closing(
+        job.run_id,
+        {
+            tracking.TAG_RUN_NAME: run_name,
+            tracking.TAG_MODEL: model_name,
+            tracking.TAG_DISPLAY: job.display,
+            tracking.TAG_FINGERPRINT: data.fingerprint,
+            tracking.TAG_DEVICE: str(job.device),
+            tracking.TAG_CHECKPOINT: str(job.ckpt),
+        },
+    ):
+        tracking.log_params(
+            job.run_id, {**cfg.to_dict(), "model": model_name, "dataset": data.name, "num_classes": len(data.classes)}
+        )
         log_datasets(data)
         job.trainer = _build_trainer(job, progress)
         tracking.log_metrics(job.run_id, count_params(job.trainer.model))
-        echo(f"{job.display}: run {job.run_id} in experiment {job.run.info.experiment_id}, "
-             f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {job.device}")
+        echo(
+            f"{job.display}: run {job.run_id} in experiment {job.run.info.experiment_id}, "
+            f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {job.device}"
+        )
         return _fit(job)
 
 
@@ -126,13 +138,17 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     _check_resumable(run)
     ckpt = Path(tags.get(tracking.TAG_CHECKPOINT) or tracking.checkpoint_path(run))
     if not ckpt.exists():
-        raise ZarError(f"run {run_id} has no checkpoint at {ckpt} (it stopped before its first epoch ended); "
-                       "start a new run instead")
+        raise ZarError(
+            f"run {run_id} has no checkpoint at {ckpt} (it stopped before its first epoch ended); "
+            "start a new run instead"
+        )
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     job = prepare(state["model_name"], from_dict(state["config"], source=str(ckpt)), echo)
     if job.data.fingerprint != tags.get(tracking.TAG_FINGERPRINT):
-        raise ZarError(f"the data of run {run_id} changed since it started (validation set "
-                       f"{job.data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead")
+        raise ZarError(
+            f"the data of run {run_id} changed since it started (validation set "
+            f"{job.data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead"
+        )
 
     job.run, job.ckpt = runs.reopen(run_id), ckpt
     with runs.closing(run_id, {tracking.TAG_DEVICE: str(job.device)}):
@@ -158,8 +174,10 @@ def _check_resumable(run) -> None:
     if status == RUNNING and alive:
         raise ZarError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
     if status == RUNNING and alive is None:
-        raise ZarError(f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
-                       "once its process is gone")
+        raise ZarError(
+            f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
+            "once its process is gone"
+        )
 
 
 def _fit(job: Job) -> TrainingResult:
@@ -170,15 +188,22 @@ def _fit(job: Job) -> TrainingResult:
         for r in trainer.epochs():
             save_checkpoint(job.ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": job.model_name})
             tracking.log_metrics(job.run_id, r.metrics(), step=r.epoch)
-            echo(f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  "
-                 f"train_acc {100 * r.train_acc:6.2f}%  val_loss {r.val_loss:.4f}  "
-                 f"val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)")
+            echo(
+                f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  "
+                f"train_acc {100 * r.train_acc:6.2f}%  val_loss {r.val_loss:.4f}  "
+                f"val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)"
+            )
     except Diverged as e:
-        kept = (f"the checkpoint of epoch {e.epoch - 1} is kept" if e.epoch > 1
-                else "no epoch had finished, so there is no checkpoint")
-        raise TrainingFailed(f"training diverged: {e}; run {job.run_id} marked FAILED, {kept}",
-                             reason=f"diverged: {e}",
-                             tags={tracking.TAG_DIVERGED: f"epoch {e.epoch}, step {e.step}"}) from None
+        kept = (
+            f"the checkpoint of epoch {e.epoch - 1} is kept"
+            if e.epoch > 1
+            else "no epoch had finished, so there is no checkpoint"
+        )
+        raise TrainingFailed(
+            f"training diverged: {e}; run {job.run_id} marked FAILED, {kept}",
+            reason=f"diverged: {e}",
+            tags={tracking.TAG_DIVERGED: f"epoch {e.epoch}, step {e.step}"},
+        ) from None
     summary = trainer.summary()
     tracking.log_metrics(job.run_id, summary)
     log_results(job)
@@ -186,8 +211,9 @@ def _fit(job: Job) -> TrainingResult:
         job.ckpt.unlink()
         job.ckpt.parent.rmdir()
     echo(f"{job.display}: best val_acc {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}")
-    return TrainingResult(job.run_id, job.run.info.experiment_id, job.model_name, job.display, cfg.seed,
-                          list(trainer.history), summary)
+    return TrainingResult(
+        job.run_id, job.run.info.experiment_id, job.model_name, job.display, cfg.seed, list(trainer.history), summary
+    )
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -213,10 +239,14 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def log_datasets(data: DataBundle) -> None:
     """The train and validation splits as MLflow datasets of sample ids and class names."""
     from_code = data.name in BUILT_IN_DATA and not Path(data.source).exists()
-    tracking.log_datasets(data.source, from_code, [
-        ("train", f"{data.name}-train", data.train_ids, [data.classes[y] for y in data.train_labels]),
-        ("validation", f"{data.name}-validation", data.val_ids, [data.classes[y] for y in data.val_labels]),
-    ])
+    tracking.log_datasets(
+        data.source,
+        from_code,
+        [
+            ("train", f"{data.name}-train", data.train_ids, [data.classes[y] for y in data.train_labels]),
+            ("validation", f"{data.name}-validation", data.val_ids, [data.classes[y] for y in data.val_labels]),
+        ],
+    )
 
 
 def log_results(job: Job) -> None:
@@ -225,8 +255,9 @@ def log_results(job: Job) -> None:
     final = trainer.evaluate()
     labels = list(range(len(data.classes)))
     cm = confusion_matrix(final.y_true, final.y_pred, labels=labels)
-    report = classification_report(final.y_true, final.y_pred, labels=labels, target_names=data.classes,
-                                   output_dict=True, zero_division=0)
+    report = classification_report(
+        final.y_true, final.y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0
+    )
     history = [{"epoch": r.epoch, **r.metrics()} for r in trainer.history]
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -235,8 +266,9 @@ def log_results(job: Job) -> None:
         (out / "config.yaml").write_text(to_yaml(cfg))
         if data.skipped:
             (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
-        plots.confusion_matrix(cm, data.classes, f"{display}: validation confusion matrix",
-                               out / "confusion_matrix.png")
+        plots.confusion_matrix(
+            cm, data.classes, f"{display}: validation confusion matrix", out / "confusion_matrix.png"
+        )
         plots.curve(history, "acc", f"{display}: accuracy", out / "acc_curve.png")
         plots.curve(history, "loss", f"{display}: loss", out / "loss_curve.png")
         tracking.log_artifacts(job.run_id, tmp)
@@ -245,5 +277,8 @@ def log_results(job: Job) -> None:
     example = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
     if len(example) < 2:  # torch.export fixes a batch size of one; two keeps it free
         example = example.repeat(2, 1, 1, 1)
-    tracking.log_model(model.to("cpu"), input_example=example.numpy().astype(np.float32),
-                       pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+    tracking.log_model(
+        model.to("cpu"),
+        input_example=example.numpy().astype(np.float32),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )

@@ -53,5 +53,3 @@ def get_variant(name: str) -> Variant:
         return VARIANTS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(VARIANTS)}") from None
-
-
