@@ -185,19 +185,22 @@ def test_skip_bad_images_logs_their_list(store, zar, tmp_path):
     assert text.split() == [os.path.join("a", "2.png")]
 
 
-@pytest.mark.parametrize(
-    "args, message",
-    [
-        (["--model", "resnext"], "unknown model 'resnext'; valid: plain, resnet, se, mish, se_mish"),
-        (["--epochs", "0"], "config key 'epochs' must be >= 1, got 0"),
-        (["--val-ratio", "1.5"], "config key 'val_ratio' must be between 0 and 1"),
-        (["--epochs", "x"], "'x' is not a valid integer"),
-        (["--optimizer", "lion"], "'lion' is not one of 'adamw', 'adam', 'sgd'"),
-        (["--bogus", "1"], "No such option '--bogus'. (see 'zar train --help')"),
-        (["--model", "nope"], "unknown model") if torch.cuda.is_available() else (["--device", "cuda"], "no CUDA GPU"),
-    ],
-)
-def test_bad_options_are_one_line_exit_2_and_no_run(store, zar, args, message):
+BAD_OPTIONS = {
+    "unknown model": (["--model", "resnext"], "unknown model 'resnext'; valid: plain, resnet, se, mish, se_mish"),
+    "zero epochs": (["--epochs", "0"], "config key 'epochs' must be >= 1, got 0"),
+    "out of range": (["--val-ratio", "1.5"], "config key 'val_ratio' must be between 0 and 1"),
+    "not a number": (["--epochs", "x"], "'x' is not a valid integer"),
+    "bad choice": (["--optimizer", "lion"], "'lion' is not one of 'adamw', 'adam', 'sgd'"),
+    "unknown option": (["--bogus", "1"], "No such option '--bogus'. (see 'zar train --help')"),
+    "no gpu": (["--model", "nope"], "unknown model")
+    if torch.cuda.is_available()
+    else (["--device", "cuda"], "no CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_are_one_line_exit_2_and_no_run(store, zar, case):
+    args, message = BAD_OPTIONS[case]
     result = zar("train", *TINY, *args)
     assert result.exit_code == 2, result.output
     assert message in result.output
