@@ -16,8 +16,8 @@ from zar.cli import cli
 from zar.compare import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
-# The smallest real training: ResNet-18 on 96 synthetic 16 px images for one epoch.
 HEADER = "| " + " | ".join(COLUMNS) + " |"  # of zar compare's Markdown table
+# The smallest real training: ResNet-18 on 96 synthetic 16 px images for one epoch.
 TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]
 
 

@@ -17,7 +17,8 @@ from zar.engine import (
 )
 from zar.models import build_model
 
-TINY = ["--data", "synthetic", "--depth", "18", "--image-size", "16", "--epochs", "1", "--no-progress"]
+from helpers import TINY
+
 CPU = torch.device("cpu")
 
 
