@@ -1,6 +1,7 @@
 """Interruptions, resume, divergence and store faults, with real processes and signals."""
 
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -231,3 +232,17 @@ def test_any_bad_params_file_is_one_line_exit_2_and_no_run(store, zar, tmp_path,
     assert result.output.startswith("Error: ") and result.output.count("\n") == 1
     assert "learning_rate" in result.output or f"'{key}'" in result.output
     assert runs() == []
+
+
+def test_a_new_run_carries_its_process_tags_from_the_start(store):
+    """A process that dies between creating its run and taking charge of it leaves a run --stale finds."""
+    from zar import runs as run_life
+    from zar import tracking
+
+    run = run_life.start("zar", "bare")
+    try:
+        tags = MlflowClient().get_run(run.info.run_id).data.tags
+        assert tags["zar.pid"] == str(os.getpid()) and tags["zar.host"] == socket.gethostname()
+        assert run_life.process_alive(tags) is True
+    finally:
+        tracking.end_run(run.info.run_id, "FINISHED")

@@ -137,10 +137,18 @@ def test_parallel_study_gives_the_sequential_table(store):
     assert {k.info.experiment_id for k in kids} == {client.get_run(second).info.experiment_id}
 
 
-def start_study(*args):
+def start_study(*args, **kwargs):
     return subprocess.Popen(
-        [sys.executable, "-m", "zar", "study", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "zar", "study", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
     )
+
+
+def ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
@@ -164,7 +172,10 @@ def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
 
 
 def test_interrupting_a_parallel_study_leaves_no_run_running(store):
-    proc = start_study("--models", "plain,resnet", "--seeds", "1", "--jobs", "2", *THREE_EPOCHS)
+    # Started as a shell starts a background job, with SIGINT ignored: the children inherit that.
+    proc = start_study(
+        "--models", "plain,resnet", "--seeds", "1", "--jobs", "2", *THREE_EPOCHS, preexec_fn=ignore_sigint
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -180,3 +191,10 @@ def test_interrupting_a_parallel_study_leaves_no_run_running(store):
         (r.info.run_name, r.info.status, r.data.tags.get("zar.error")) for r in found
     ]
     assert not [c for c in psutil.Process().children(recursive=True) if "zar" in " ".join(c.cmdline())]
+
+
+def test_the_study_run_records_the_precision_its_children_ran(store):
+    result = invoke("study", "--models", "resnet", "--seeds", "1", *TINY, "--precision", "auto")
+    assert result.exit_code == 0, result.output
+    recorded = {r.data.tags.get("zar.model", "study"): r.data.params["precision"] for r in runs()}
+    assert recorded == {"study": "fp32", "resnet": "fp32"}  # auto at 16 px is fp32 on any machine

@@ -309,3 +309,15 @@ def test_images_without_class_folders_are_named_as_such(store, zar, tmp_path):
     (folder / "a").rmdir()
     result = zar("train", *TINY, "--data", str(folder))
     assert result.exit_code == 2 and "holds images but no class sub-folders" in result.output
+
+
+def test_model_logging_is_warmed_up_only_without_loader_workers(store, zar, monkeypatch):
+    """A thread importing while DataLoader workers fork could leave a worker holding an import lock."""
+    from zar import tracking
+
+    calls = []
+    monkeypatch.setattr(tracking, "warm_up_model_logging", lambda: calls.append(1))
+    assert zar("train", *TINY).exit_code == 0 and calls == [1]
+    result = zar("train", *TINY, "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert calls == [1]

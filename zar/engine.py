@@ -51,8 +51,8 @@ class Evaluation:
 # Evaluation has no optimizer step and keeps no activations for backward: bigger batches
 # pay (1.6x at 32 px measured) and give the same predictions, as BatchNorm uses running stats.
 EVAL_BATCH_SIZE = 256
-# bf16 autocast pays only where convolutions are big enough: at 224 px it ran 3.6x fp32
-# (Xeon with AMX), at 32 px it ran slower than fp32 (benchmarks/bench_precision.py).
+# bf16 autocast pays only where convolutions are big enough: issue 8 measured it at 3.6x fp32 at
+# 224 px and slower than fp32 at 32 px (Xeon with AMX); benchmarks/bench_precision.py measures it.
 AUTO_BF16_MIN_IMAGE_SIZE = 64
 
 
@@ -82,8 +82,8 @@ def resolve_precision(name: str, device: torch.device, image_size: int) -> str:
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # fused=True: one kernel for all parameters, the same update up to float rounding. ResNet-34's
-    # AdamW step took 20 ms instead of 111 ms on a Xeon; a whole training step at 32 px ran 1.15-1.3x
-    # faster on an AMD EPYC (docs/benchmarks.md).
+    # AdamW step took 20 ms instead of 111 ms on a Xeon (issue 8); a whole training step at 32 px
+    # ran 1.15-1.3x faster on an AMD EPYC (docs/benchmarks.md).
     kwargs = {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "fused": True}
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), **kwargs)

@@ -2,7 +2,8 @@
 
 Processes rather than threads: each child owns its interpreter, its torch threads and its
 MLflow run, exactly as ``zar train --parent-run`` would on another terminal. On two cores,
-two one-thread processes trained ResNet-34 at 32 px 1.23x faster than one two-thread process.
+two one-thread processes trained ResNet-34 at 32 px 1.46x faster than one two-thread process
+(AMD EPYC, docs/benchmarks.md; 1.23x on a Xeon, as issue 8 measured).
 Each child closes its own run; a child that dies without closing it (SIGKILL, out of memory)
 has its run marked FAILED here, so that no child is ever left RUNNING.
 """
@@ -62,12 +63,16 @@ class Children:
             return proc
 
     def stop(self) -> None:
-        """SIGINT to each child (it ends its run KILLED), then SIGKILL to any that outlives the grace time."""
+        """SIGTERM to each child (it ends its run KILLED), then SIGKILL to any that outlives the grace time.
+
+        SIGTERM, not SIGINT: a study started in the background of a shell runs with SIGINT ignored,
+        and so do its children.
+        """
         with self.lock:
             self.stopping = True
             live = [p for p in self.procs.values() if p.poll() is None]
         for p in live:
-            p.send_signal(signal.SIGINT)
+            p.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + GRACE_S
         for p in live:
             try:

@@ -38,12 +38,14 @@ def start(experiment: str, run_name: str, parent_run_id: str | None = None):
         experiment_id = None
     else:
         experiment_id = tracking.get_experiment_id(experiment)
-    return tracking.start_run(experiment_id, run_name, nested, parent_run_id=parent_run_id)
+    # The process tags come with the run itself: a run whose process dies before ``closing``
+    # takes charge of it is still found by ``zar runs --stale``.
+    return tracking.start_run(experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags())
 
 
 def reopen(run_id: str):
     """The stopped run ``run_id``, open again to continue it."""
-    return tracking.start_run(None, "", nested=tracking.active_run() is not None, run_id=run_id)
+    return tracking.start_run(None, "", nested=tracking.active_run() is not None, run_id=run_id, tags=process_tags())
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ def run_study(
     ``jobs > 1`` trains up to that many children at once, each in a process of its own.
     """
     check_study(models, baseline)
+    cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
     configs = {seed: cfg.replace(seed=seed) for seed in seeds}  # a bad seed fails now, before any run
     data = load_data(cfg)  # once for all runs: a bad folder fails now, and images are decoded once
     tracking.check_reachable()

@@ -148,10 +148,12 @@ def start_run(
     nested: bool = False,
     run_id: str | None = None,
     parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
 ):
     """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
 
-    ``parent_run_id`` names a parent held by another process (``zar study --jobs``).
+    ``parent_run_id`` names a parent held by another process (``zar study --jobs``). ``tags`` are
+    set as the run is created or reopened, in the same call.
 
     MLflow clears MLFLOW_RUN_ID only when it reads the variable itself; left set, a nested
     child would reopen the adopted run, and a late error would be blamed on an unadopted run.
@@ -164,6 +166,7 @@ def start_run(
         run_name=None if run_id else run_name,
         nested=nested and parent_run_id is None,
         parent_run_id=parent_run_id,
+        tags=tags,
     )
     if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
         del os.environ["MLFLOW_RUN_ID"]

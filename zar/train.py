@@ -65,15 +65,20 @@ class Job:
         return self.run.info.run_id
 
 
-def prepare(model_name: str, cfg: TrainConfig, echo: Callable[[str], None], data: DataBundle | None = None) -> Job:
-    """Architecture, device, precision and data: everything a mistake can be found in before a run exists."""
-    variant = known_model(model_name)
+def resolve(cfg: TrainConfig) -> tuple[TrainConfig, torch.device]:
+    """The device to train on, and ``cfg`` with the precision that will run in place of 'auto'."""
     try:
         device = resolve_device(cfg.device)
     except ValueError as e:
         raise ZarError(str(e)) from None
-    # The run records the precision that ran, never 'auto': runs are compared by it.
-    cfg = cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size))
+    # Runs record the precision that ran, never 'auto': they are compared by it.
+    return cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size)), device
+
+
+def prepare(model_name: str, cfg: TrainConfig, echo: Callable[[str], None], data: DataBundle | None = None) -> Job:
+    """Architecture, device, precision and data: everything a mistake can be found in before a run exists."""
+    variant = known_model(model_name)
+    cfg, device = resolve(cfg)
     data = data or load_data(cfg)
     return Job(model_name, variant.display_name(cfg.depth, cfg.se_reduction), cfg, device, data, echo)
 
@@ -183,7 +188,8 @@ def _check_resumable(run) -> None:
 def _fit(job: Job) -> TrainingResult:
     """The remaining epochs, each checkpointed then logged; then the results. Divergence fails the run."""
     trainer, cfg, echo = job.trainer, job.cfg, job.echo
-    tracking.warm_up_model_logging()
+    if cfg.workers == 0:  # a thread importing while DataLoader workers fork could leave them a held lock
+        tracking.warm_up_model_logging()
     try:
         for r in trainer.epochs():
             save_checkpoint(job.ckpt, {**trainer.state_dict(), "config": cfg.to_dict(), "model_name": job.model_name})
