@@ -21,9 +21,7 @@ programs share the cores.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,6 +32,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # zar from this checkout, not an install
+
+from _machine import header_lines  # noqa: E402
 
 TARGET = 20.0
 BATCH = 32
@@ -92,23 +92,6 @@ def timed(fn):
     return result, time.perf_counter() - start
 
 
-def machine_lines() -> list[str]:
-    import torch
-
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return [
-        f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {cpu}, {cores} cores usable, {platform.system()} {platform.release()}",
-        f"- python {platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads)",
-    ]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1000, help="JPEGs to generate (default 1000)")
@@ -149,8 +132,11 @@ def main() -> None:
         assert again.data_fingerprint == data.data_fingerprint
 
     ratio = zar_rate / ref_rate
-    print(f"## zar image-folder loader vs torchvision ImageFolder + PIL ({args.size} px)\n")
-    print("\n".join(machine_lines()))
+    import torch
+
+    title = f"zar image-folder loader vs torchvision ImageFolder + PIL ({args.size} px)"
+    print("\n".join(header_lines(title)[:-1]))  # without its closing blank line
+    print(f"- torch threads: {torch.get_num_threads()}")
     print(
         f"- data: {args.images} JPEGs of {SOURCE_SIZE} px in {n_classes} classes, {folder_mb:.1f} MB; "
         f"batch {BATCH}, shuffle, num_workers=0; median of {args.repeat} passes\n"
