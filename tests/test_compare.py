@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -41,9 +42,9 @@ def test_table_means_stds_counts_and_gap_in_percent():
     rows = by_name(build_table(RUNS))
     se = rows["SE-ResNet-34"]
     assert se.runs == 2
-    assert se.train_acc_mean == pytest.approx(96.0)
+    assert se.train_eval_acc_mean == pytest.approx(96.0)
     assert se.val_acc_mean == pytest.approx(85.0)
-    assert se.train_acc_std == pytest.approx(np.std([95, 97], ddof=1))  # sample std: sqrt(2) here
+    assert se.train_eval_acc_std == pytest.approx(np.std([95, 97], ddof=1))  # sample std: sqrt(2) here
     assert se.val_acc_std == pytest.approx(np.std([81, 89], ddof=1))
     assert se.gap_mean == pytest.approx(11.0)  # (95 - 81 + 97 - 89) / 2
     assert se.gap_std == pytest.approx(np.std([14, 8], ddof=1))
@@ -51,15 +52,34 @@ def test_table_means_stds_counts_and_gap_in_percent():
     assert rows["Plain-34"].gap_mean == pytest.approx(12.5)
 
 
-def test_difference_to_baseline_in_points_with_welch_p_value():
+def test_difference_to_baseline_in_points_with_welch_ci_and_no_p_value_from_two_runs():
     rows = by_name(build_table(RUNS, baseline="resnet"))
     base = rows["ResNet-34"]
     assert base.is_baseline and base.val_acc_vs_baseline is None and base.p_value is None
     for name, val in (("SE-ResNet-34", [81, 89]), ("Plain-34", [60, 61])):
         assert rows[name].val_acc_vs_baseline == pytest.approx(np.mean(val) - 82.0)
-        expected = stats.ttest_ind(val, [80, 84], equal_var=False).pvalue
-        assert rows[name].p_value == pytest.approx(expected)
+        ci = stats.ttest_ind(val, [80, 84], equal_var=False).confidence_interval(0.95)
+        assert (rows[name].ci_low, rows[name].ci_high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+        assert rows[name].p_value is None and rows[name].p_adjusted is None  # 2 runs a side: no p-value
     assert sum(r.is_baseline for r in rows.values()) == 1
+
+
+# A third seed of each: enough runs for a p-value.
+RUNS3 = RUNS + [
+    row("se", "SE-ResNet-34", 0.96, 0.86, params=21_500_000),
+    row("resnet", "ResNet-34", 0.92, 0.83, params=21_300_000),
+    row("plain", "Plain-34", 0.73, 0.62, params=21_000_000),
+]
+
+
+def test_difference_to_baseline_in_points_with_welch_p_value():
+    rows = by_name(build_table(RUNS3, baseline="resnet"))
+    assert rows["ResNet-34"].p_value is None
+    for name, val in (("SE-ResNet-34", [81, 89, 86]), ("Plain-34", [60, 61, 62])):
+        assert rows[name].val_acc_vs_baseline == pytest.approx(np.mean(val) - np.mean([80, 84, 83]))
+        expected = stats.ttest_ind(val, [80, 84, 83], equal_var=False).pvalue
+        assert rows[name].p_value == pytest.approx(expected)
+        assert rows[name].comparisons == 2
 
 
 def test_another_baseline_moves_the_differences():
@@ -118,14 +138,16 @@ def test_no_runs_is_an_error():
 def test_markdown_has_the_study_columns_and_cells():
     lines = render(build_table(RUNS)).splitlines()
     assert lines[0] == (
-        "| Model | Train Acc (%) | Val Acc (%) | Train - Val gap (pp) | Val Acc vs baseline (pp) | Params (M) | Runs |"
+        "| Model | Train Acc, eval mode (%) | Val Acc (%) | Train - Val gap, eval mode (pp) "
+        "| Val Acc vs baseline (pp) [95% CI] (p) | Params (M) | Runs |"
     )
     assert lines[0] == HEADER
     assert lines[1].count("|") == len(COLUMNS) + 1
-    assert [line.split(" | ")[0] for line in lines[2:]] == ["| Plain-34", "| ResNet-34", "| SE-ResNet-34"]
-    p = stats.ttest_ind([81, 89], [80, 84], equal_var=False).pvalue
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| Plain-34", "| ResNet-34", "| SE-ResNet-34"]
+    ci = stats.ttest_ind([81, 89], [80, 84], equal_var=False).confidence_interval(0.95)
     assert lines[4] == (
-        f"| SE-ResNet-34 | 96.00 ± 1.41 | 85.00 ± 5.66 | +11.00 ± 4.24 | +3.00 (p={p:.3f}) | 21.50 | 2 |"
+        f"| SE-ResNet-34 | 96.00 ± 1.41 | 85.00 ± 5.66 | +11.00 ± 4.24 | +3.00 [{ci.low:+.2f}, {ci.high:+.2f}] "
+        "| 21.50 | 2 |"
     )
     assert "| ResNet-34 | 92.00 ± 2.83 | 82.00 ± 2.83 | +10.00 ± 0.00 | baseline | 21.30 | 2 |" in lines
 
@@ -133,7 +155,7 @@ def test_markdown_has_the_study_columns_and_cells():
 def test_markdown_marks_small_p_values():
     runs = [row("resnet", "ResNet-34", 0.9, v) for v in (0.800, 0.801, 0.802)]
     runs += [row("se", "SE-ResNet-34", 0.9, v) for v in (0.900, 0.901, 0.902)]
-    assert "+10.00 (p<0.001)" in render(build_table(runs))
+    assert re.search(r"\| \+10\.00 \[\+9\.\d\d, \+10\.\d\d\] \(p<0\.001\) \|", render(build_table(runs)))
 
 
 def test_csv_parses_to_the_table_numbers():
@@ -143,7 +165,7 @@ def test_csv_parses_to_the_table_numbers():
     for got, want in zip(parsed, table):
         want = asdict(want)
         assert got["name"] == want["name"] and int(got["runs"]) == want["runs"]
-        for key in ("train_acc_mean", "train_acc_std", "val_acc_mean", "val_acc_std", "gap_mean", "params_m"):
+        for key in ("train_eval_acc_mean", "train_eval_acc_std", "val_acc_mean", "val_acc_std", "gap_mean", "params_m"):
             assert float(got[key]) == want[key], key
         assert (got["val_acc_vs_baseline"] == "") == (want["val_acc_vs_baseline"] is None)
         if want["p_value"] is not None:
@@ -158,8 +180,10 @@ def test_json_parses_to_the_table():
 def test_latex_is_a_tabular_with_escaped_text():
     runs = RUNS + [row("my_net", "my_net", 0.9, 0.8), row("rd", "R&D #1", 0.9, 0.8)]
     text = render(build_table(runs), "latex")
-    assert text.startswith(r"\begin{tabular}{lrrrrrr}") and text.rstrip().endswith(r"\end{tabular}")
-    assert r"Train Acc (\%)" in text and r"$\pm$" in text and r"my\_net" in text and r"R\&D \#1" in text
+    assert text.startswith(r"\begin{tabular}{lrrrrrr}") and text.count(r"\end{tabular}") == 1
+    notes = text.split("\\end{tabular}\n")[1]  # the notes, in a group of small type after the tabular
+    assert notes.startswith(r"\par{\footnotesize") and notes.rstrip().endswith("}") and "runs per side" in notes
+    assert r"Train Acc, eval mode (\%)" in text and r"$\pm$" in text and r"my\_net" in text and r"R\&D \#1" in text
     assert "±" not in text and "%" not in text.replace(r"\%", "")
     rows = [line for line in text.splitlines() if line.endswith(r" \\")]
     assert len(rows) == 1 + len(build_table(runs))
@@ -198,26 +222,36 @@ def test_compare_parent_numbers_are_those_mlflow_recorded(in_study):
     recorded = {}
     for kid in children(in_study.parent_id):
         m = kid.data.metrics
-        recorded.setdefault(kid.data.tags["zar.model"], []).append(
-            (100 * m["train_acc"], 100 * m["val_acc"], m["params_total"])
-        )
+        train = 100 * m["train_eval_acc"] if "train_eval_acc" in m else None  # None: an older zar's runs
+        recorded.setdefault(kid.data.tags["zar.model"], []).append((train, 100 * m["val_acc"], m["params_total"]))
     assert [r["model"] for r in table] == ["plain", "resnet"]
     assert [r["name"] for r in table] == ["Plain-18", "ResNet-18"]
-    base_val = [v for _, v, _ in recorded["resnet"]]
+    base_val = np.array([v for _, v, _ in recorded["resnet"]])
     for r in table:
-        train, val, params = (np.array(x) for x in zip(*recorded[r["model"]]))
+        train, val, params = zip(*recorded[r["model"]])
+        val, params = np.array(val), np.array(params)
+        assert (r["select"], r["train_metric"], r["val_metric"]) == ("last", "train_eval_acc", "val_acc")
         assert r["runs"] == 2
-        assert r["train_acc_mean"] == pytest.approx(train.mean())
-        assert r["train_acc_std"] == pytest.approx(train.std(ddof=1), abs=1e-9)
+        if None in train:  # never train_acc (train mode) in its place
+            assert r["train_eval_acc_mean"] is None and r["gap_mean"] is None
+        else:
+            train = np.array(train)
+            assert r["train_eval_acc_mean"] == pytest.approx(train.mean())
+            assert r["train_eval_acc_std"] == pytest.approx(train.std(ddof=1), abs=1e-9)
+            assert r["gap_mean"] == pytest.approx((train - val).mean(), abs=1e-9)
         assert r["val_acc_mean"] == pytest.approx(val.mean())
         assert r["val_acc_std"] == pytest.approx(val.std(ddof=1), abs=1e-9)
-        assert r["gap_mean"] == pytest.approx((train - val).mean(), abs=1e-9)
         assert r["params_m"] == pytest.approx(params.mean() / 1e6)
         assert r["is_baseline"] == (r["model"] == "resnet")
         if r["model"] == "plain":
-            assert r["val_acc_vs_baseline"] == pytest.approx(val.mean() - np.mean(base_val), abs=1e-9)
-            p = stats.ttest_ind(val, base_val, equal_var=False).pvalue
-            assert r["p_value"] == (None if np.isnan(p) else pytest.approx(p))
+            assert r["baseline"] == "ResNet-18"
+            assert r["val_acc_vs_baseline"] == pytest.approx(val.mean() - base_val.mean(), abs=1e-9)
+            assert r["p_value"] is None  # 2 runs a side
+            if val.std() or base_val.std():
+                ci = stats.ttest_ind(val, base_val, equal_var=False).confidence_interval(0.95)
+                assert (r["ci_low"], r["ci_high"]) == (pytest.approx(ci.low), pytest.approx(ci.high))
+            else:
+                assert r["ci_low"] is None and r["ci_high"] is None
     assert table[0]["params_m"] != table[1]["params_m"]  # a plain net has no projection shortcuts
 
 
@@ -230,7 +264,7 @@ def parse(fmt: str, text: str):
         return [r["name"] for r in csv.DictReader(io.StringIO(text))]
     if fmt == "json":
         return [r["name"] for r in json.loads(text)]
-    assert text.startswith(r"\begin{tabular}") and text.rstrip().endswith(r"\end{tabular}")
+    assert text.startswith(r"\begin{tabular}") and r"\end{tabular}" in text
     return [line.split(" & ")[0] for line in text.splitlines() if line.endswith(r" \\")][1:]
 
 
@@ -252,8 +286,12 @@ def test_compare_warns_when_runs_differ_in_more_than_model_and_seed(in_study):
     result = invoke("compare")  # the whole experiment: the study's runs and the one with lr 0.01
     assert result.exit_code == 0, result.output
     warnings = [line for line in result.stderr.splitlines() if line.startswith("Warning")]
-    assert warnings == ["Warning: runs differ in more than model and seed: lr: 0.001, 0.01"]
-    assert "| ResNet-18 |" in result.stdout and result.stdout.rstrip().endswith("5 runs used, none left out.")
+    assert warnings == [
+        "Warning: runs differ in more than model and seed: lr: 0.001, 0.01 (split into rows named by lr)"
+    ]
+    rows = [line.split(" | ")[0] for line in result.stdout.splitlines()[2:] if line.startswith("| ")]
+    assert rows == ["| Plain-18 (lr=0.001)", "| ResNet-18 (lr=0.001)", "| ResNet-18 (lr=0.01)"]  # never averaged
+    assert result.stdout.rstrip().endswith("5 runs used, none left out.")
 
 
 def test_compare_strict_refuses_runs_that_differ(in_study):

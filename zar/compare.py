@@ -1,8 +1,9 @@
 """The study's table from MLflow runs: fetch (one paged search), then pure functions.
 
-``fetch_runs`` asks MLflow; ``build_table`` turns per-run numbers into per-architecture
-rows (mean, std, count, difference to the baseline with a Welch t-test);
-``render`` writes the table as Markdown, CSV, JSON or LaTeX.
+``fetch_runs`` asks MLflow; ``build_table`` turns per-run numbers into rows, one per
+architecture and settings (mean, std, count, difference to the baseline of the same settings
+with a Welch 95% CI and a Holm-adjusted Welch t-test); ``render`` writes the table as
+Markdown, CSV, JSON or LaTeX, with the notes that say how to read it.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 import os
 import re
 import statistics
+import sys
 import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -28,9 +30,21 @@ from .variants import VARIANTS
 FORMATS = ("markdown", "csv", "json", "latex")
 EXTENSIONS = {"markdown": "md", "csv": "csv", "json": "json", "latex": "tex"}
 SELECT = ("last", "best")
-# What may differ between runs of one table: the architecture and the training seed.
+# The MLflow metrics each --select reads: (train accuracy in eval mode, val accuracy).
+METRICS = {"last": ("train_eval_acc", "val_acc"), "best": ("train_eval_acc_at_best", "best_val_acc")}
+# tracking.TAG_DATA_FINGERPRINT once zar.tracking has it; the literal until then.
+TAG_DATA_FINGERPRINT = getattr(tracking, "TAG_DATA_FINGERPRINT", "zar.data_fingerprint")
+# What may differ between runs of one row: the training seed, and what does not change results.
+# Depth and SE reduction are in the architecture's display name, so they split rows too.
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
-GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + ["dataset", "num_classes", "split_fingerprint"]
+GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + [
+    "dataset",
+    "num_classes",
+    "split_fingerprint",
+    "data_fingerprint",
+]
+MIN_RUNS_FOR_P = 3  # per side: below it a t-test's p-value rests on too little
+UNFINISHED = {tracking.RUNNING, tracking.FAILED, tracking.KILLED, "SCHEDULED"}
 # One pass over the characters, so that an escape is never escaped again; a bare < prints as ¡ in LaTeX.
 LATEX_ESCAPES = str.maketrans(
     {
@@ -44,17 +58,35 @@ LATEX_ESCAPES = str.maketrans(
         "±": r"$\pm$",
         "<": "$<$",
         ">": "$>$",
+        "–": "--",
     }
 )
-COLUMNS = [
-    "Model",
-    "Train Acc (%)",
-    "Val Acc (%)",
-    "Train - Val gap (pp)",
-    "Val Acc vs baseline (pp)",
-    "Params (M)",
-    "Runs",
-]
+
+
+def columns(select: str = "last") -> list[str]:
+    """The table's headers: what each number is, for this ``--select``."""
+    if select == "best":
+        return [
+            "Model",
+            "Train Acc at best epoch, eval mode (%)",
+            "Best-epoch Val Acc (%), optimistic",
+            "Train - Val gap at best epoch, eval mode (pp)",
+            "Best-epoch Val Acc vs baseline (pp) [95% CI] (p), optimistic",
+            "Params (M)",
+            "Runs",
+        ]
+    return [
+        "Model",
+        "Train Acc, eval mode (%)",
+        "Val Acc (%)",
+        "Train - Val gap, eval mode (pp)",
+        "Val Acc vs baseline (pp) [95% CI] (p)",
+        "Params (M)",
+        "Runs",
+    ]
+
+
+COLUMNS = columns("last")
 
 
 @dataclass
@@ -63,30 +95,56 @@ class RunRow:
 
     run_id: str
     model: str
-    name: str  # display name, the table's row key
-    train_acc: float  # fractions in [0, 1]
+    name: str  # display name: the architecture, with its depth and SE reduction
+    train_eval_acc: float | None  # fractions in [0, 1]; None for runs logged before zar measured it
     val_acc: float
-    params_total: int
+    params_total: int | None
     depth: int = 34
-    hparams: dict[str, str] = field(default_factory=dict)
+    hparams: dict[str, str] = field(default_factory=dict)  # GUARDED key -> canonical value
     seed: str = ""
+    select: str = "last"  # which epoch's numbers: the last, or the best on the validation set
 
 
 @dataclass
 class TableRow:
+    """One architecture under one set of settings: accuracies in percent, differences in points."""
+
     model: str
-    name: str
+    name: str  # display name, plus the settings that differ within the table, e.g. "ResNet-34 (lr=0.01)"
     runs: int
-    train_acc_mean: float
-    train_acc_std: float | None
+    train_eval_acc_mean: float | None  # None: a run of the row has no train_eval_acc (an older zar)
+    train_eval_acc_std: float | None
     val_acc_mean: float
     val_acc_std: float | None
-    gap_mean: float
+    gap_mean: float | None  # train_eval_acc - val_acc
     gap_std: float | None
     val_acc_vs_baseline: float | None
-    p_value: float | None
-    params_m: float
+    ci_low: float | None  # Welch 95% CI of the difference, for this comparison alone
+    ci_high: float | None
+    p_value: float | None  # Welch t-test, raw
+    p_adjusted: float | None  # Holm-adjusted over the table's ``comparisons`` p-values
+    params_m: float | None
     is_baseline: bool = False
+    baseline: str | None = None  # the row this one is compared to; None when none has its settings
+    select: str = "last"
+    train_metric: str = "train_eval_acc"  # the MLflow metrics the numbers are means of
+    val_metric: str = "val_acc"
+    comparisons: int = 0  # how many p-values the Holm adjustment covers
+    note: str = ""  # why a number is missing
+
+    @property
+    def train_acc_mean(self) -> float | None:
+        """The old name of ``train_eval_acc_mean``, for callers not yet renamed (not in CSV/JSON)."""
+        return self.train_eval_acc_mean
+
+
+class Table(list):
+    """The rows, and the notes to print under them (a list of TableRow, as before)."""
+
+    def __init__(self, rows=(), select: str = "last", notes: list[str] | None = None):
+        super().__init__(rows)
+        self.select = select
+        self.notes = notes or []
 
 
 @dataclass
@@ -123,26 +181,43 @@ def fetch_runs(
 
 
 def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunRow | str:
-    """One training run as a row of the table, or why it is left out."""
+    """One training run as a row of the table, or why it is left out.
+
+    The train accuracy is ``train_eval_acc``, measured like ``val_acc`` (eval mode, after the
+    epoch); a run without it (an older zar) keeps ``None``, never its train-mode ``train_acc``.
+    A NaN or infinite accuracy, or one outside [0, 1], leaves the run out: it would poison
+    every mean it joined.
+    """
     tags, metrics, params = run.data.tags, run.data.metrics, run.data.params
     if run.info.status != tracking.FINISHED and not include_unfinished:
         return run.info.status
-    train_key, val_key = ("train_acc", "val_acc") if select == "last" else ("train_acc_at_best", "best_val_acc")
-    if train_key not in metrics or val_key not in metrics:
+    if select not in METRICS:
+        raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+    train_key, val_key = METRICS[select]
+    if val_key not in metrics:
         return "no metrics yet"
+    for key in (val_key, train_key):
+        value = metrics.get(key, 0.0)
+        if not math.isfinite(value) or abs(value) == sys.float_info.max:  # MLflow's SQL stores keep inf so
+            return f"non-finite {key}"
+        if not 0 <= value <= 1:
+            return f"{key} outside [0, 1]"
     hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
     hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
+    hparams["data_fingerprint"] = tags.get(TAG_DATA_FINGERPRINT, "")
+    params_total = metrics.get("params_total")
     model = tags[tracking.TAG_MODEL]
     return RunRow(
         run.info.run_id,
         model,
         tags.get(tracking.TAG_DISPLAY, model),
-        metrics[train_key],
+        metrics.get(train_key),
         metrics[val_key],
-        int(metrics.get("params_total", 0)),
+        int(params_total) if params_total is not None and math.isfinite(params_total) else None,
         int(params.get("depth", 34) or 34),
         hparams,
         params.get("seed", ""),
+        select,
     )
 
 
@@ -158,14 +233,20 @@ def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_s
 
 
 def check_comparable(rows: list[RunRow], strict: bool) -> list[str]:
-    """Why the table may mislead, as warnings; with ``strict`` the first reason refuses the table."""
+    """Why the table may mislead, as warnings; with ``strict`` the first reason refuses the table.
+
+    Runs that differ in a guarded setting never share a row; without ``strict`` they get rows
+    of their own, named by the settings that differ.
+    """
     warnings = []
     differing = differing_hparams(rows)
     if differing:
         detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
         if strict:
             raise ZarError(f"runs are not comparable, they differ in {detail}")
-        warnings.append(f"runs differ in more than model and seed: {detail}")
+        warnings.append(
+            f"runs differ in more than model and seed: {detail} (split into rows named by {', '.join(differing)})"
+        )
     repeated = repeated_seeds(rows)
     if repeated:
         message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
@@ -195,7 +276,7 @@ def _canonical(key: str, value: str) -> str:
 
 
 def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
-    """Hyperparameters that are not the same across all runs: the table would mislead."""
+    """Hyperparameters that are not the same across all runs: one row must not average them."""
     out = {}
     for key in GUARDED:
         values = sorted({r.hparams.get(key, "") for r in rows})
@@ -204,10 +285,31 @@ def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
     return out
 
 
+def _settings(r: RunRow) -> tuple[str, ...]:
+    return tuple(r.hparams.get(k, "") for k in GUARDED)
+
+
+def _labels(rows: list[RunRow]) -> dict[tuple, str]:
+    """Each row's label: its display name, plus the settings that differ within the table."""
+    differing = list(differing_hparams(rows))
+    labels = {}
+    for r in rows:
+        shown = ", ".join(f"{k}={r.hparams.get(k, '') or 'unrecorded'}" for k in differing)
+        labels[(r.name, r.depth, _settings(r))] = f"{r.name} ({shown})" if shown else r.name
+    repeated = {label for label, n in Counter(labels.values()).items() if n > 1}  # a name without its depth
+    return {
+        key: (f"{label[:-1]}, depth={key[1]})" if label.endswith(")") else f"{label} (depth={key[1]})")
+        if label in repeated
+        else label
+        for key, label in labels.items()
+    }
+
+
 def repeated_seeds(rows: list[RunRow]) -> list[str]:
     """Rows holding several runs of one seed: same config, same seed, so not independent samples."""
-    counts = Counter((r.name, r.seed) for r in rows if r.seed)
-    return [f"{name} seed {seed} x{n}" for (name, seed), n in counts.items() if n > 1]
+    labels = _labels(rows)
+    counts = Counter((labels[(r.name, r.depth, _settings(r))], r.seed) for r in rows if r.seed)
+    return [f"{label} seed {seed} x{n}" for (label, seed), n in counts.items() if n > 1]
 
 
 def _order(model: str) -> int:
@@ -219,40 +321,83 @@ def _mean_std(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def build_table(rows: list[RunRow], baseline: str = "resnet") -> list[TableRow]:
-    """One row per architecture, in the study's order; accuracies in percent."""
+def welch(a: list[float], b: list[float]) -> tuple[float | None, float | None, float | None]:
+    """(CI low, CI high, p) of mean(a) - mean(b): Welch's t, Welch–Satterthwaite degrees of freedom.
+
+    The 95% CI needs 2 runs a side (with 2 it is wide, as it should be); the p-value needs
+    MIN_RUNS_FOR_P. Two constant samples have no spread to test against: neither.
+    """
+    if len(a) < 2 or len(b) < 2 or not (statistics.stdev(a) or statistics.stdev(b)):
+        return None, None, None
+    with warnings.catch_warnings():  # nearly equal samples: scipy warns, the numbers stand
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=False)
+        ci = result.confidence_interval(0.95)
+    p = float(result.pvalue) if min(len(a), len(b)) >= MIN_RUNS_FOR_P else None
+    return float(ci.low), float(ci.high), p
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment: the smallest p times m, the next times m - 1, ..., kept monotone."""
+    m = len(p_values)
+    adjusted, running = [0.0] * m, 0.0
+    for rank, i in enumerate(sorted(range(m), key=p_values.__getitem__)):
+        running = max(running, min(1.0, (m - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def build_table(rows: list[RunRow], baseline: str = "resnet", select: str | None = None) -> Table:
+    """One row per architecture and settings, in the study's order; accuracies in percent.
+
+    Runs that differ in a guarded setting (GUARDED, depth, the data's fingerprint) are never
+    averaged together, and each row is compared to the baseline's row of the same depth and
+    settings. ``select`` defaults to that of the runs.
+    """
     if baseline not in VARIANTS:
         raise ZarError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
     if not rows:
         raise ZarError("no runs to compare")
-    groups: dict[str, list[RunRow]] = {}
-    for r in sorted(rows, key=lambda r: (_order(r.model), r.depth, r.name)):
-        groups.setdefault(r.name, []).append(r)
-    base_name = next((name for name, g in groups.items() if g[0].model == baseline), None)
-    if base_name is None:
+    if select is None:
+        selects = {r.select for r in rows}
+        if len(selects) > 1:
+            raise ZarError(f"runs read with different --select: {', '.join(sorted(selects))}")
+        select = selects.pop()
+    if select not in METRICS:
+        raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+    if not any(r.model == baseline for r in rows):
         present = ", ".join(dict.fromkeys(r.model for r in rows))
         raise ZarError(f"baseline {baseline!r} has no runs in this table; models present: {present} (pass --baseline)")
-    base_val = [100 * r.val_acc for r in groups[base_name]]
+    labels = _labels(rows)
+    groups: dict[tuple, list[RunRow]] = {}
+    for r in sorted(rows, key=lambda r: (_order(r.model), r.depth, r.name, _settings(r))):
+        groups.setdefault((r.name, r.depth, _settings(r)), []).append(r)
+    bases = {(key[1], key[2]): key for key, g in groups.items() if g[0].model == baseline}
+    train_metric, val_metric = METRICS[select]
 
-    table = []
-    for name, g in groups.items():
-        train = [100 * r.train_acc for r in g]
+    table = Table(select=select)
+    for key, g in groups.items():
         val = [100 * r.val_acc for r in g]
-        gap = [t - v for t, v in zip(train, val)]
-        (tm, ts), (vm, vs), (gm, gs) = _mean_std(train), _mean_std(val), _mean_std(gap)
-        is_base = name == base_name
-        delta = None if is_base else vm - statistics.fmean(base_val)
-        p = None
-        # Two constant samples make t infinite: no evidence either way, so no p-value.
-        if not is_base and len(val) >= 2 and len(base_val) >= 2 and (vs or statistics.stdev(base_val)):
-            with warnings.catch_warnings():  # nearly equal samples: scipy warns, the p-value stands
-                warnings.simplefilter("ignore", RuntimeWarning)
-                p = float(stats.ttest_ind(val, base_val, equal_var=False).pvalue)
-            p = None if math.isnan(p) else p  # identical, constant samples have no test
+        vm, vs = _mean_std(val)
+        tm = ts = gm = gs = None
+        note = ""
+        if all(r.train_eval_acc is not None for r in g):
+            train = [100 * r.train_eval_acc for r in g]
+            (tm, ts), (gm, gs) = _mean_std(train), _mean_std([t - v for t, v in zip(train, val)])
+        else:
+            note = f"no {train_metric} in {sum(r.train_eval_acc is None for r in g)} of {len(g)} runs"
+        is_base = g[0].model == baseline
+        base_key = None if is_base else bases.get((key[1], key[2]))
+        delta = low = high = p = None
+        if base_key is not None:
+            base_val = [100 * r.val_acc for r in groups[base_key]]
+            delta = vm - statistics.fmean(base_val)
+            low, high, p = welch(val, base_val)
+        params = [r.params_total for r in g if r.params_total is not None]
         table.append(
             TableRow(
                 g[0].model,
-                name,
+                labels[key],
                 len(g),
                 tm,
                 ts,
@@ -261,45 +406,127 @@ def build_table(rows: list[RunRow], baseline: str = "resnet") -> list[TableRow]:
                 gm,
                 gs,
                 delta,
+                low,
+                high,
                 p,
-                statistics.fmean(r.params_total for r in g) / 1e6,
+                None,
+                statistics.fmean(params) / 1e6 if params else None,
                 is_base,
+                labels[base_key] if base_key else None,
+                select,
+                train_metric,
+                val_metric,
+                note=note,
             )
         )
+    tested = [r for r in table if r.p_value is not None]
+    for r, adjusted in zip(tested, holm([r.p_value for r in tested])):
+        r.p_adjusted, r.comparisons = adjusted, len(tested)
+    table.notes = _notes(table, differing_hparams(rows), baseline)
     return table
 
 
-def _pm(mean: float, std: float | None, pm: str = "±", signed: bool = False) -> str:
-    text = f"{mean:+.2f}" if signed else f"{mean:.2f}"
-    return text if std is None else f"{text} {pm} {std:.2f}"
+def _names(rows: list[TableRow]) -> str:
+    return ", ".join(r.name for r in rows)
+
+
+def _notes(table: Table, differing: dict[str, list[str]], baseline: str) -> list[str]:
+    """What a reader must know to read the numbers: one sentence each."""
+    train_metric, val_metric = METRICS[table.select]
+    notes = []
+    if table.select == "best":
+        notes.append(
+            f"optimistic: --select best reports each run's epoch of highest val_acc ({val_metric}), chosen on "
+            "the validation set itself, so these val accuracies and their differences lean high; "
+            "--select last does not choose."
+        )
+    missing = [r for r in table if r.train_eval_acc_mean is None]
+    if missing:
+        notes.append(
+            f"n/a: some runs of {_names(missing)} were logged before zar measured {train_metric} (train accuracy "
+            f"in eval mode); their train-mode train_acc would not compare like with {val_metric}, so the row "
+            "shows no train accuracy."
+        )
+    if differing:
+        notes.append(
+            f"Runs differ in {', '.join(differing)}: a row averages only runs with the same settings, "
+            f"and is compared to the {baseline} row of the same depth and settings."
+        )
+    compared = [r for r in table if r.val_acc_vs_baseline is not None]
+    if any(r.ci_low is not None for r in compared):
+        notes.append(
+            "[95% CI]: Welch t interval (Welch–Satterthwaite df) of each difference, "
+            "not adjusted for the number of comparisons."
+        )
+    tested = [r for r in compared if r.p_value is not None]
+    if tested:
+        notes.append(f"p: Welch t-test, Holm-adjusted for {len(tested)} comparisons.")
+    few = [r for r in compared if r.p_value is None and min(r.runs, _base_runs(table, r)) < MIN_RUNS_FOR_P]
+    if few:
+        notes.append(f"p-values need at least {MIN_RUNS_FOR_P} runs per side: none for {_names(few)}.")
+    constant = [r for r in compared if r.p_value is None and r not in few and r.ci_low is None]
+    if constant:
+        notes.append(f"No p-value for {_names(constant)}: neither side's val accuracy varies across its runs.")
+    return notes
+
+
+def _base_runs(table: Table, row: TableRow) -> int:
+    return next(r.runs for r in table if r.name == row.baseline)
+
+
+def _num(value: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.2f}" if signed else f"{value:.2f}"
+
+
+def _pm(mean: float | None, std: float | None, pm: str = "±", signed: bool = False) -> str:
+    text = _num(mean, signed)
+    return text if mean is None or std is None else f"{text} {pm} {std:.2f}"
 
 
 def _delta(row: TableRow) -> str:
     if row.is_baseline:
         return "baseline"
+    if row.val_acc_vs_baseline is None:
+        return "no baseline with these settings"
     text = f"{row.val_acc_vs_baseline:+.2f}"
-    if row.p_value is None:
+    if row.ci_low is not None:
+        text += f" [{row.ci_low:+.2f}, {row.ci_high:+.2f}]"
+    p = row.p_adjusted if row.p_adjusted is not None else row.p_value
+    if p is None:
         return text
-    return f"{text} (p<0.001)" if row.p_value < 0.001 else f"{text} (p={row.p_value:.3f})"
+    return f"{text} (p<0.001)" if p < 0.001 else f"{text} (p={p:.3f})"
 
 
 def _cells(row: TableRow, pm: str = "±") -> list[str]:
     return [
         row.name,
-        _pm(row.train_acc_mean, row.train_acc_std, pm),
+        _pm(row.train_eval_acc_mean, row.train_eval_acc_std, pm),
         _pm(row.val_acc_mean, row.val_acc_std, pm),
         _pm(row.gap_mean, row.gap_std, pm, signed=True),
         _delta(row),
-        f"{row.params_m:.2f}",
+        _num(row.params_m),
         str(row.runs),
     ]
 
 
+def _latex(text: str) -> str:
+    """Text as LaTeX prints it: special characters escaped, and '--select' not turned into a dash."""
+    return "-{}-".join(part.translate(LATEX_ESCAPES) for part in text.split("--"))
+
+
 def render(table: list[TableRow], fmt: str = "markdown") -> str:
+    """The table as Markdown or LaTeX (notes under it), or CSV or JSON (the metrics named in each row)."""
+    if fmt not in FORMATS:
+        raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    select = getattr(table, "select", table[0].select if table else "last")
+    notes = getattr(table, "notes", [])
+    headers = columns(select)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(COLUMNS) + " |", "| --- | " + " | ".join([":-:"] * (len(COLUMNS) - 1)) + " |"]
+        lines = ["| " + " | ".join(headers) + " |", "| --- | " + " | ".join([":-:"] * (len(headers) - 1)) + " |"]
         lines += ["| " + " | ".join(_cells(r)) + " |" for r in table]
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=list(asdict(table[0])), lineterminator="\n")
@@ -308,23 +535,22 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
         return buf.getvalue()
     if fmt == "json":
         return json.dumps([asdict(r) for r in table], indent=2) + "\n"
-    if fmt == "latex":
-        lines = [
-            r"\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}",
-            r"\hline",
-            " & ".join(c.translate(LATEX_ESCAPES) for c in COLUMNS) + r" \\",
-            r"\hline",
-        ]
-        lines += [" & ".join(c.translate(LATEX_ESCAPES) for c in _cells(r)) + r" \\" for r in table]
-        lines += [r"\hline", r"\end{tabular}"]
-        return "\n".join(lines) + "\n"
-    raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    lines = [
+        r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
+        r"\hline",
+        " & ".join(map(_latex, headers)) + r" \\",
+        r"\hline",
+    ]
+    lines += [" & ".join(map(_latex, _cells(r))) + r" \\" for r in table]
+    lines += [r"\hline", r"\end{tabular}"]
+    if notes:  # in a group of its own, so that the small type ends with them
+        lines += [r"\par{\footnotesize"] + [_latex(n) + r"\par" for n in notes] + ["}"]
+    return "\n".join(lines) + "\n"
 
 
 def describe_usage(used: int, left_out: Counter) -> str:
     if not left_out:
         return f"{used} runs used, none left out."
     reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(left_out.items()))
-    return (
-        f"{used} runs used, {sum(left_out.values())} left out ({reasons}; --include-unfinished counts unfinished runs)."
-    )
+    hint = "; --include-unfinished counts unfinished runs" if UNFINISHED & set(left_out) else ""
+    return f"{used} runs used, {sum(left_out.values())} left out ({reasons}{hint})."
