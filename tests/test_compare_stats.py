@@ -373,6 +373,11 @@ def test_table_p_values_are_holm_adjusted_and_the_note_says_so():
     assert {"ci_low", "ci_high", "p_value", "p_adjusted"} <= set(header)
 
 
+def test_one_test_is_one_comparison():
+    runs = three_seeds("resnet", [0.80, 0.82, 0.81]) + three_seeds("se", [0.86, 0.85, 0.88])
+    assert "p: Welch t-test, Holm-adjusted for 1 comparison." in render(build_table(runs)).splitlines()
+
+
 def test_two_runs_a_side_show_the_wide_ci_but_no_p_value():
     """Our choice: with 2 runs a side the Welch CI is valid, only wide (df near 1-2), so it is shown;
     a p-value is not (fewer than 3 runs), and the note says why."""

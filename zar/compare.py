@@ -460,7 +460,7 @@ def _notes(table: Table, differing: dict[str, list[str]], baseline: str) -> list
         )
     tested = [r for r in compared if r.p_value is not None]
     if tested:
-        notes.append(f"p: Welch t-test, Holm-adjusted for {len(tested)} comparisons.")
+        notes.append(f"p: Welch t-test, Holm-adjusted for {len(tested)} comparison{'s' * (len(tested) > 1)}.")
     few = [r for r in compared if r.p_value is None and min(r.runs, _base_runs(table, r)) < MIN_RUNS_FOR_P]
     if few:
         notes.append(f"p-values need at least {MIN_RUNS_FOR_P} runs per side: none for {_names(few)}.")
