@@ -44,6 +44,11 @@ def test_overrides_win_and_none_means_unset(tmp_path):
         ("learning_rate: 0.1\n", "unknown config key 'learning_rate'"),
         ("epochs: [1, 2\n", "malformed YAML"),
         ("- 1\n- 2\n", "must hold a mapping of config keys, got list"),
+        ("seed: 4294967296\n", "config key 'seed' must be between 0 and 4294967295, got 4294967296"),
+        ("split_seed: -1\n", "config key 'split_seed' must be between 0 and 4294967295, got -1"),
+        ("lr: [0.1, 0.01]\n", "config key 'lr' in bad.yaml must be a single float, got a list"),
+        ("data: {path: x}\n", "config key 'data' in bad.yaml must be a single str, got a dict"),
+        ("epochs:\n", "config key 'epochs' in bad.yaml must be a single int, got nothing"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
@@ -51,7 +56,7 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError) as err:
         load_config(path)
-    assert message in err.value.message
+    assert message in err.value.message.replace(str(tmp_path) + "/", "")
     assert "\n" not in err.value.message
     assert err.value.exit_code == 2
 
@@ -91,3 +96,12 @@ def test_any_config_is_valid_or_one_clear_error(raw):
         assert cfg.epochs >= 1 and 0 < cfg.val_ratio < 1 and cfg.lr > 0
         assert from_dict(cfg.to_dict()) == cfg  # what is logged loads back to the same config
         assert yaml.safe_load(yaml.safe_dump(cfg.to_dict())) == cfg.to_dict()
+
+
+def test_errors_quote_at_most_about_200_characters_of_input(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text(f"optimizer: {'x' * 100_000}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "config key 'optimizer'" in err.value.message and len(err.value.message) < 400
+    assert "(100002 chars)" in err.value.message

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DataError, ZarError
+from .errors import DataError, ZarError, clip
 from .variants import Variant, get_variant
 
 BUILT_IN_DATA = ("digits", "synthetic")
@@ -28,14 +28,21 @@ def check_data_path(data: str) -> None:
         return
     root = Path(data)
     if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass an image folder, 'digits' or 'synthetic'")
+        raise DataError(f"data folder {clip(root)} does not exist; pass an image folder, 'digits' or 'synthetic'")
     if not root.is_dir():
-        raise DataError(f"data path {root} is a file; pass a folder with one sub-folder per class")
+        raise DataError(f"data path {clip(root)} is a file; pass a folder with one sub-folder per class")
 
 
-def check_study(models: list[str], baseline: str) -> None:
-    """Every model is an architecture, and the baseline is one of them."""
+def check_study(models: list[str], baseline: str, seeds: list[int] = ()) -> None:
+    """Every model is an architecture, named once; seeds are not repeated; the baseline is one of the models.
+
+    A repeated model or seed would train the same run twice and count it as two independent samples.
+    """
     for model in models:
         known_model(model)
+    for kind, values in (("--models", models), ("--seeds", seeds)):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if repeated:
+            raise ZarError(f"{kind} names {clip(', '.join(repeated))} more than once; each must appear once")
     if baseline not in models:
-        raise ZarError(f"baseline {baseline!r} is not among --models {','.join(models)}")
+        raise ZarError(f"baseline {clip(repr(baseline))} is not among --models {clip(','.join(models))}")

@@ -15,12 +15,14 @@ from typing import Any
 
 import yaml
 
-from .errors import ZarError
+from .errors import ZarError, quote
 from .variants import DEPTHS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.engine)
+MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
+SCALARS = (str, int, float, bool)
 
 
 class ConfigError(ZarError):
@@ -67,8 +69,8 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "must be >= 1"),
             ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "must be >= 0 and finite"),
-            ("seed", self.seed >= 0, "must be >= 0"),
-            ("split_seed", self.split_seed >= 0, "must be >= 0"),
+            ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
+            ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
             ("val_ratio", 0 < self.val_ratio < 1, "must be between 0 and 1 (exclusive)"),
             ("image_size", 8 <= self.image_size <= 1024, "must be between 8 and 1024"),
             ("workers", self.workers >= 0, "must be >= 0"),
@@ -80,7 +82,7 @@ class TrainConfig:
         ]
         for key, ok, rule in checks:
             if not ok:
-                raise ConfigError(f"config key '{key}' {rule}, got {getattr(self, key)!r}")
+                raise ConfigError(f"config key '{key}' {rule}, got {quote(getattr(self, key))}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -110,7 +112,7 @@ def _check_types(cfg: TrainConfig) -> None:
         value = getattr(cfg, name)
         wanted = PY_TYPES[type_name]
         if not isinstance(value, wanted) or (type_name != "bool" and isinstance(value, bool)):
-            raise ConfigError(f"config key '{name}' must be {type_name}, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"config key '{name}' must be {type_name}, got {type(value).__name__} {quote(value)}")
 
 
 def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -118,7 +120,13 @@ def from_dict(values: dict[str, Any], source: str = "config") -> TrainConfig:
         raise ConfigError(f"{source} must be a mapping of keys to values, got {type(values).__name__}")
     unknown = sorted(set(values) - set(FIELD_TYPES), key=str)
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r} in {source}; valid: {', '.join(FIELD_TYPES)}")
+        raise ConfigError(f"unknown config key {quote(unknown[0])} in {source}; valid: {', '.join(FIELD_TYPES)}")
+    for name, value in values.items():
+        if not isinstance(value, SCALARS):  # a list or mapping: said by its type, never printed whole
+            raise ConfigError(
+                f"config key '{name}' in {source} must be a single {FIELD_TYPES[name]}, "
+                f"got {'nothing' if value is None else 'a ' + type(value).__name__}"
+            )
     return TrainConfig(**values)
 
 

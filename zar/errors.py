@@ -3,6 +3,20 @@
 Nothing here knows about click: ``zar.cli`` alone turns them into one-line messages.
 """
 
+QUOTE_LIMIT = 200  # characters of user input an error message repeats
+
+
+def quote(value: object) -> str:
+    """``repr(value)`` cut to QUOTE_LIMIT characters: a message quotes the culprit, not a whole file."""
+    text = repr(value)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[: QUOTE_LIMIT - 15]}... ({len(text)} chars)"
+
+
+def clip(text: object) -> str:
+    """``str(text)`` cut to QUOTE_LIMIT characters, for paths and names typed by the user."""
+    text = str(text)
+    return text if len(text) <= QUOTE_LIMIT else f"{text[: QUOTE_LIMIT - 15]}... ({len(text)} chars)"
+
 
 class ZarException(Exception):
     """Any failure zar explains itself: its message is the one line the user reads."""
