@@ -246,3 +246,166 @@ def test_a_new_run_carries_its_process_tags_from_the_start(store):
         assert run_life.process_alive(tags) is True
     finally:
         tracking.end_run(run.info.run_id, "FINISHED")
+
+
+# --- resume refuses what would mix data, code or files -------------------------------------------
+
+
+def stopped_run(zar, *extra):
+    """A run of TINY stopped after its first epoch (KILLED, checkpoint kept), as Ctrl-C leaves one."""
+    code, output = start_and_signal(signal.SIGINT, after_epoch=1, extra=extra)
+    assert code == 130, output
+    (run,) = runs()
+    return run
+
+
+def test_resume_refuses_other_code_and_changed_data(store, zar, tmp_path):
+    run = stopped_run(zar)
+    run_id = run.info.run_id
+    client = MlflowClient()
+    client.set_tag(run_id, "zar.version", "0.0.1")
+    refused = zar("train", "--resume", run_id)
+    assert refused.exit_code == 2 and "zar.version was 0.0.1, now" in refused.output
+    client.set_tag(run_id, "zar.version", run.data.tags["zar.version"])
+    client.set_tag(run_id, "mlflow.source.git.commit", "0" * 40)
+    refused = zar("train", "--resume", run_id)
+    assert refused.exit_code == 2 and f"mlflow.source.git.commit was {'0' * 40}" in refused.output
+    client.set_tag(run_id, "mlflow.source.git.commit", run.data.tags["mlflow.source.git.commit"])
+    assert client.get_run(run_id).info.status == "KILLED"  # refused before anything changed
+    client.set_tag(run_id, "zar.data_fingerprint", "f" * 16)
+    refused = zar("train", "--resume", run_id)
+    assert refused.exit_code == 2 and "the data of run" in refused.output and "f" * 16 in refused.output
+    after = client.get_run(run_id)
+    assert after.info.status == "FAILED" and "changed since it started" in after.data.tags["zar.error"]
+
+
+def test_resume_reads_only_the_runs_own_checkpoint(store, zar, tmp_path):
+    """A checkpoint tag pointing elsewhere (a shared server's tags are anyone's) is neither read nor deleted."""
+    run = stopped_run(zar)
+    run_id = run.info.run_id
+    own = Path(run.data.tags["zar.checkpoint"])
+    decoy = tmp_path / "precious.pt"
+    decoy.write_bytes(own.read_bytes())
+    MlflowClient().set_tag(run_id, "zar.checkpoint", str(decoy))
+    own.unlink()
+    refused = zar("train", "--resume", run_id)
+    assert refused.exit_code == 2 and f"no checkpoint at {own}" in refused.output
+    decoy_copy = decoy.read_bytes()
+    own.write_bytes(decoy_copy)
+    assert zar("train", "--resume", run_id, "--no-progress").exit_code == 0
+    assert decoy.read_bytes() == decoy_copy and not own.exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"])
+def test_an_empty_or_truncated_checkpoint_is_named_in_one_line(store, zar, content):
+    run = stopped_run(zar)
+    ckpt = Path(run.data.tags["zar.checkpoint"])
+    ckpt.write_bytes(content)
+    proc = zar_subprocess("train", "--resume", run.info.run_id)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"checkpoint {ckpt} is empty or truncated" in proc.stderr
+
+
+def test_resume_claims_the_run_before_loading_data(store, zar, monkeypatch):
+    """While the data loads, the run is already RUNNING under this process: a second resume is refused."""
+    from zar import train as training
+
+    run = stopped_run(zar)
+    seen = {}
+    real_load = training.load_data
+
+    def load_data(cfg):
+        claimed = MlflowClient().get_run(run.info.run_id)
+        seen["status"], seen["pid"] = claimed.info.status, claimed.data.tags["zar.pid"]
+        seen["second"] = zar("train", "--resume", run.info.run_id)
+        return real_load(cfg)
+
+    monkeypatch.setattr(training, "load_data", load_data)
+    assert zar("train", "--resume", run.info.run_id, "--no-progress").exit_code == 0
+    assert seen["status"] == "RUNNING" and seen["pid"] == str(os.getpid())
+    assert seen["second"].exit_code == 2 and "still being trained by process" in seen["second"].output
+
+
+# --- faults found before training, not after an epoch ----------------------------------------------
+
+
+def test_an_unwritable_checkpoint_folder_fails_before_the_first_epoch(store, zar, tmp_path, monkeypatch):
+    from zar import tracking
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the checkpoint folder should go")
+    monkeypatch.setattr(tracking, "checkpoint_path", lambda run: blocker / "checkpoints" / "last.pt")
+    result = zar("train", *TINY)
+    assert result.exit_code == 2 and f"cannot write checkpoints to {blocker / 'checkpoints'}" in result.output
+    assert "epoch" not in result.output
+    (run,) = runs()
+    assert run.info.status == "FAILED"
+
+
+def test_an_unwritable_artifact_store_fails_before_the_first_epoch(store, zar):
+    """/proc takes no new folders, not even from root."""
+    MlflowClient().create_experiment("zar", artifact_location="/proc/zar-artifacts")
+    result = zar("train", *TINY)
+    assert result.exit_code == 2, result.output
+    assert "cannot write" in result.output and "/proc/zar-artifacts" in result.output
+    assert "epoch" not in result.output
+    (run,) = runs()
+    assert run.info.status == "FAILED"
+
+
+# --- stores: read-only commands, paging, credentials -------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["compare"], ["runs"]])
+def test_reading_commands_never_create_a_store(tmp_path, command):
+    env = {"MLFLOW_TRACKING_URI": ""}
+    proc = zar_subprocess(*command, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "no runs here" in proc.stderr, proc.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_runs_are_listed_page_by_page(store, zar):
+    from zar import tracking
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("zar")
+    made = [client.create_run(experiment_id).info.run_id for _ in range(5)]
+    assert sorted(r.info.run_id for r in tracking.latest_runs(experiment_id, page_size=2)) == sorted(made)
+
+
+def test_credentials_in_the_tracking_uri_go_as_basic_auth_and_never_show(tmp_path):
+    import base64
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from zar import tracking
+    from zar.store import probe_server
+
+    seen = []
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://alice:s3cret@127.0.0.1:{server.server_port}"
+    try:
+        probe_server(uri)
+    finally:
+        server.shutdown()
+    assert seen == [("/health", "Basic " + base64.b64encode(b"alice:s3cret").decode())]
+    mlflow.set_tracking_uri(uri)
+    try:
+        link = tracking.runs_url("1", "abc")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert link.startswith(f"http://127.0.0.1:{server.server_port}/#/") and "s3cret" not in link
+    dead = f"http://alice:s3cret@127.0.0.1:{closed_port()}"
+    proc = zar_subprocess("runs", env={"MLFLOW_TRACKING_URI": dead}, cwd=tmp_path)
+    assert proc.returncode == 2 and "alice:***@" in proc.stderr and "s3cret" not in proc.stderr

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 import zar.train
@@ -38,7 +39,7 @@ def test_study_is_one_parent_with_a_nested_run_per_model_and_seed(in_study):
         ("resnet", "2"),
     ]
     assert in_study.lr_run_id not in {k.info.run_id for k in kids}
-    assert f"/runs/{in_study.parent_id}" in in_study.output
+    assert f"/runs/{in_study.parent_id}?workflowType=machine_learning" in in_study.output
 
 
 def test_study_parent_keeps_the_table_and_two_charts(in_study):
@@ -61,6 +62,12 @@ def test_study_parent_keeps_the_table_and_two_charts(in_study):
     assert [r["name"] for r in table] == [r["name"] for r in cli_json]
     for got, want in zip(table, cli_json):
         assert float(got["val_acc_mean"]) == want["val_acc_mean"]
+    # The table's numbers are the parent's metrics too, for the runs table and the Compare view.
+    metrics = client.get_run(pid).data.metrics
+    for want in cli_json:
+        assert metrics[f"val_acc_mean.{want['model']}"] == pytest.approx(want["val_acc_mean"])
+        assert metrics[f"runs.{want['model']}"] == want["runs"]
+    assert "val_acc_vs_baseline.resnet" not in metrics and "val_acc_vs_baseline.plain" in metrics
 
 
 def test_study_goes_on_past_a_failed_child_and_ends_failed(in_failed_study):
@@ -198,3 +205,17 @@ def test_the_study_run_records_the_precision_its_children_ran(store):
     assert result.exit_code == 0, result.output
     recorded = {r.data.tags.get("zar.model", "study"): r.data.params["precision"] for r in runs()}
     assert recorded == {"study": "fp32", "resnet": "fp32"}  # auto at 16 px is fp32 on any machine
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--seeds", "1,2,1"], "--seeds names 1 more than once"),
+        (["--models", "resnet,se,resnet"], "--models names resnet more than once"),
+        (["--seeds", "1,4294967296"], "config key 'seed' must be between 0 and 4294967295"),
+    ],
+)
+def test_study_refuses_repeats_and_bad_seeds_before_any_run(store, args, message):
+    result = invoke("study", *TINY, *args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert runs() == []

@@ -9,16 +9,25 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import torchvision
 import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from zar.config import FIELD_TYPES
+from zar.tracking import checkpoint_path
 
 from helpers import ROOT, TINY, all_runs, zar_subprocess
 
-EPOCH_METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
-END_METRICS = ["best_val_acc", "best_epoch", "train_acc_at_best", "params_total", "params_trainable"]
+EPOCH_METRICS = ["train_loss", "train_acc", "train_eval_loss", "train_eval_acc", "val_loss", "val_acc", "epoch_time_s"]
+END_METRICS = [
+    "best_val_acc",
+    "best_epoch",
+    "train_acc_at_best",
+    "train_eval_acc_at_best",
+    "params_total",
+    "params_trainable",
+]
 PARAMS = [
     "lr",
     "batch_size",
@@ -65,13 +74,19 @@ def assert_complete_run(run, model, epochs, n_val):
     for key in EPOCH_METRICS:
         history = client.get_metric_history(run_id, key)
         assert sorted(m.step for m in history) == list(range(1, epochs + 1)), key
-    for key in ("train_acc", "val_acc"):
+    for key in ("train_acc", "train_eval_acc", "val_acc"):
         assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, key))
     for key in END_METRICS:
         assert key in metrics, key
     assert metrics["params_total"] == metrics["params_trainable"] > 0
     assert tags["zar.model"] == model and tags["zar.device"] == "cpu"
-    assert len(tags["zar.split_fingerprint"]) == 16
+    assert len(tags["zar.split_fingerprint"]) == len(tags["zar.data_fingerprint"]) == 16
+    # The code it ran: zar, torch and torchvision versions, and the commit of this checkout.
+    assert tags["zar.version"] and tags["zar.torch_version"] == torch.__version__
+    assert tags["zar.torchvision_version"] == torchvision.__version__
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["zar.git_dirty"] in ("true", "false")
+    # System metrics, sampled while it trained.
+    assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     assert model.replace("_", "") in run.info.run_name.replace("_", "")
     names = {a.path for a in client.list_artifacts(run_id)}
     assert set(ARTIFACTS) <= names, names
@@ -84,13 +99,20 @@ def assert_complete_run(run, model, epochs, n_val):
     assert config["epochs"] == epochs
     contexts = {i.tags[0].value for i in run.inputs.dataset_inputs}
     assert contexts == {"train", "validation"}
-    # The logged model comes back and predicts.
+    # The final and the best epoch's models come back and predict; each carries its epoch's metrics.
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    assert len(models) == 1
-    loaded = mlflow.pytorch.load_model(models[0].model_uri)
+    by_name = {m.name: m for m in models}
+    assert sorted(by_name) == ["best", "model"]
     size = int(params["image_size"])
-    out = loaded(torch.randn(3, 3, size, size))
-    assert out.shape == (3, int(params["num_classes"]))
+    x = torch.randn(3, 3, size, size)
+    for name, epoch in (("model", epochs), ("best", int(metrics["best_epoch"]))):
+        linked = {m.key: m for m in by_name[name].metrics if not m.key.startswith("system/")}
+        assert {m.step for m in linked.values()} == {epoch}, name
+        history = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
+        assert linked["val_acc"].value == history[epoch] and "train_eval_acc" in linked, name
+        loaded = mlflow.pytorch.load_model(by_name[name].model_uri)
+        assert loaded(x).shape == (3, int(params["num_classes"]))
+    assert metrics["best_val_acc"] == max(m.value for m in client.get_metric_history(run_id, "val_acc"))
 
 
 def test_train_logs_everything_the_contract_names(store, zar):
@@ -101,7 +123,8 @@ def test_train_logs_everything_the_contract_names(store, zar):
     assert run.data.tags["zar.display_name"] == "Mish-ResNet-18"
     assert_complete_run(run, "mish", epochs=2, n_val=20)  # 20% of 4 classes x 24 images, rounded up
     assert run.data.params["dataset"] == "synthetic"
-    assert f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}" in result.output
+    link = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+    assert link in result.output
 
 
 def test_split_is_the_same_for_every_architecture(store, zar):
@@ -290,16 +313,20 @@ def test_mlflow_style_underscore_options_and_bool_values(store, zar):
 
 
 def test_unexpected_errors_are_one_line_too(store, tmp_path):
-    """Not a user mistake, still no traceback: resuming from a checkpoint file that is garbage."""
+    """Not a user mistake, still no traceback: a checkpoint whose weights do not fit the model."""
     client = MlflowClient()
     run = client.create_run(client.create_experiment("zar"))
-    garbage = tmp_path / "last.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    client.set_tag(run.info.run_id, "zar.checkpoint", str(garbage))
     client.set_terminated(run.info.run_id, "KILLED")
+    ckpt = checkpoint_path(client.get_run(run.info.run_id))
+    ckpt.parent.mkdir(parents=True)
+    torch.save(
+        {"model": {"fc.weight": torch.zeros(1)}, "optimizer": {}, "epoch": 1, "config": {}, "model_name": "resnet"},
+        ckpt,
+    )
     proc = zar_subprocess("train", "--resume", run.info.run_id, cwd=tmp_path)
-    assert proc.returncode == 1
-    assert proc.stderr.startswith("Error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("Error: RuntimeError") and proc.stderr.count("\n") == 1, proc.stderr
+    assert client.get_run(run.info.run_id).info.status == "FAILED"
 
 
 def test_images_without_class_folders_are_named_as_such(store, zar, tmp_path):
@@ -321,3 +348,10 @@ def test_model_logging_is_warmed_up_only_without_loader_workers(store, zar, monk
     result = zar("train", *TINY, "--workers", "1")
     assert result.exit_code == 0, result.output
     assert calls == [1]
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_a_seed_numpy_cannot_take_is_refused_before_any_run(store, zar, seed):
+    result = zar("train", *TINY, "--seed", seed)
+    assert result.exit_code == 2 and "config key 'seed' must be between 0 and 4294967295" in result.output
+    assert all_runs() == []

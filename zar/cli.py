@@ -6,12 +6,13 @@ import functools
 import os
 import sys
 from dataclasses import fields
+from urllib.parse import urlparse
 
 import click
 
 from .checks import check_data_path, check_study, known_model
 from .config import TrainConfig, load_config
-from .errors import ZarException
+from .errors import ZarException, quote
 from .store import DEFAULT_EXPERIMENT, probe_server
 from .variants import DEPTHS, VARIANTS
 
@@ -101,12 +102,19 @@ class ZarGroup(click.Group):
             message, exit_code = f"{type(e).__name__}: {e}".splitlines()[0], 1
         else:
             sys.exit(code if isinstance(code, int) else 0)
+        message = hide_password(message)
         if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
             from .runs import fail_env_run
 
             fail_env_run(message)
         click.echo(f"Error: {message}", err=True)
         sys.exit(exit_code)
+
+
+def hide_password(text: str) -> str:
+    """``text`` with the tracking URI's password masked, wherever a library's message repeated it."""
+    password = urlparse(os.environ.get("MLFLOW_TRACKING_URI", "")).password
+    return text.replace(password, "***") if password else text
 
 
 @click.group(cls=ZarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -180,7 +188,9 @@ def _csv(kind):
         try:
             return [kind(v.strip()) for v in value.split(",") if v.strip()]
         except ValueError:
-            raise click.BadParameter(f"expected a comma-separated list of {kind.__name__}s, got {value!r}") from None
+            raise click.BadParameter(
+                f"expected a comma-separated list of {kind.__name__}s, got {quote(value)}"
+            ) from None
 
     return parse
 
@@ -231,7 +241,7 @@ def _check_study(models, seeds, baseline, cfg) -> None:
     """What run_study would refuse, in its order, before torch loads (run_study checks again for other callers)."""
     if not models:
         raise click.BadParameter("needs at least one model", param_hint="--models")
-    check_study(models, baseline)
+    check_study(models, baseline, seeds)
     for seed in seeds:
         cfg.replace(seed=seed)  # a bad seed is a config error
     check_data_path(cfg.data)
@@ -304,7 +314,7 @@ def runs(experiment, stale, mark_failed):
     from . import tracking
     from .tracking import FAILED, RUNNING
 
-    tracking.check_reachable()
+    tracking.check_reachable(create=False)
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     rows = []
     for run in tracking.latest_runs(experiment_id):

@@ -163,7 +163,7 @@ def fetch_runs(
     """The runs to compare, as rows, and how many were left out for which reason."""
     if parent and not re.fullmatch(r"[\w-]+", parent):
         raise ZarError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
-    tracking.check_reachable()
+    tracking.check_reachable(create=False)
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     clauses = [tracking.children_filter(parent)] if parent else []
     if filter_string:

@@ -11,7 +11,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
@@ -29,15 +29,22 @@ class Diverged(RuntimeError):
 
 @dataclass
 class EpochResult:
+    """One epoch's numbers. ``train_loss``/``train_acc`` are running means over the epoch's batches
+    in train mode (what the study reported); ``train_eval_*`` and ``val_*`` are measured the same
+    way, in eval mode after the epoch, so that they compare like with like."""
+
     epoch: int
     train_loss: float
     train_acc: float
     val_loss: float
     val_acc: float
     epoch_time_s: float
+    train_eval_loss: float = math.nan
+    train_eval_acc: float = math.nan
 
     def metrics(self) -> dict[str, float]:
-        return {k: v for k, v in asdict(self).items() if k != "epoch"}
+        """The numbers to log; ``train_eval_*`` only where measured (a run from before it was)."""
+        return {k: v for k, v in asdict(self).items() if k != "epoch" and not math.isnan(v)}
 
 
 @dataclass
@@ -162,6 +169,7 @@ class Trainer:
         cfg: TrainConfig,
         device: torch.device,
         progress: bool = True,
+        train_eval_set: Dataset | None = None,
     ):
         self.cfg, self.device, self.progress = cfg, device, progress
         self.precision = Precision(resolve_precision(cfg.precision, device, cfg.image_size), device)
@@ -180,15 +188,20 @@ class Trainer:
             drop_last=drop_last,
             pin_memory=pin,
         )
-        self.val_loader = DataLoader(
-            val_set, max(cfg.batch_size, EVAL_BATCH_SIZE), num_workers=cfg.workers, pin_memory=pin
+        eval_batch = max(cfg.batch_size, EVAL_BATCH_SIZE)
+        self.val_loader = DataLoader(val_set, eval_batch, num_workers=cfg.workers, pin_memory=pin)
+        # The training images that are evaluated like the validation set after each epoch.
+        self.train_eval_loader = (
+            DataLoader(train_eval_set, eval_batch, num_workers=cfg.workers, pin_memory=pin)
+            if train_eval_set is not None
+            else None
         )
         self.last_evaluation: Evaluation | None = None
         self.epoch = 0  # last completed epoch
         self.history: list[EpochResult] = []
         self.best_epoch = 0
         self.best_val_acc = 0.0
-        self.train_acc_at_best = 0.0
+        self.best_state: dict[str, torch.Tensor] | None = None  # the weights of the best epoch, on the CPU
 
     def epochs(self) -> Iterator[EpochResult]:
         while self.epoch < self.cfg.epochs:
@@ -198,12 +211,28 @@ class Trainer:
                 self.model, self.train_loader, self.optimizer, self.precision, epoch, self.progress
             )
             ev = self.last_evaluation = evaluate(self.model, self.val_loader, self.precision)
-            result = EpochResult(epoch, train_loss, train_acc, ev.loss, ev.acc, time.perf_counter() - start)
+            tr = evaluate(self.model, self.train_eval_loader, self.precision) if self.train_eval_loader else None
+            result = EpochResult(
+                epoch,
+                train_loss,
+                train_acc,
+                ev.loss,
+                ev.acc,
+                time.perf_counter() - start,
+                tr.loss if tr else math.nan,
+                tr.acc if tr else math.nan,
+            )
             self.epoch = epoch
             self.history.append(result)
             if ev.acc > self.best_val_acc or self.best_epoch == 0:
-                self.best_epoch, self.best_val_acc, self.train_acc_at_best = epoch, ev.acc, train_acc
+                self.best_epoch, self.best_val_acc = epoch, ev.acc
+                self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             yield result
+
+    @property
+    def improved(self) -> bool:
+        """Whether the last finished epoch is the best so far."""
+        return self.best_epoch == self.epoch > 0
 
     def evaluate(self) -> Evaluation:
         """The current model on the validation set (that of the last epoch, computed once)."""
@@ -212,10 +241,13 @@ class Trainer:
         return self.last_evaluation
 
     def summary(self) -> dict[str, float]:
+        """The best epoch (chosen on the validation set, so its val_acc is optimistic) and its numbers."""
+        best = self.history[self.best_epoch - 1] if self.best_epoch else None
         return {
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
-            "train_acc_at_best": self.train_acc_at_best,
+            "train_acc_at_best": best.train_acc if best else 0.0,
+            "train_eval_acc_at_best": best.train_eval_acc if best else math.nan,
         }
 
     def state_dict(self) -> dict:
@@ -228,6 +260,7 @@ class Trainer:
             "epoch": self.epoch,
             "history": [asdict(r) for r in self.history],
             "best": self.summary(),
+            "best_state": self.best_state,
             "rng": rng,
         }
 
@@ -235,10 +268,11 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch = state["epoch"]
-        self.history = [EpochResult(**r) for r in state["history"]]
+        known = {f.name for f in fields(EpochResult)}
+        self.history = [EpochResult(**{k: v for k, v in r.items() if k in known}) for r in state["history"]]
         best = state["best"]
         self.best_val_acc, self.best_epoch = best["best_val_acc"], best["best_epoch"]
-        self.train_acc_at_best = best["train_acc_at_best"]
+        self.best_state = state.get("best_state")
         torch.set_rng_state(state["rng"]["torch"])
         self.generator.set_state(state["rng"]["loader"])
         if "cuda" in state["rng"] and self.device.type == "cuda":

@@ -24,7 +24,7 @@ from .tracking import FAILED, FINISHED, KILLED, RUNNING
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def start(experiment: str, run_name: str, parent_run_id: str | None = None):
+def start(experiment: str, run_name: str, parent_run_id: str | None = None, system_metrics: bool = False):
     """A new run named ``run_name``: nested when a study run is active in this process, a child of
     ``parent_run_id`` (held by another process) when given, else the run ``mlflow run`` made, else
     a new run in ``experiment``. Children live in their parent's experiment."""
@@ -40,12 +40,17 @@ def start(experiment: str, run_name: str, parent_run_id: str | None = None):
         experiment_id = tracking.get_experiment_id(experiment)
     # The process tags come with the run itself: a run whose process dies before ``closing``
     # takes charge of it is still found by ``zar runs --stale``.
-    return tracking.start_run(experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags())
+    return tracking.start_run(
+        experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags(), system_metrics=system_metrics
+    )
 
 
-def reopen(run_id: str):
-    """The stopped run ``run_id``, open again to continue it."""
-    return tracking.start_run(None, "", nested=tracking.active_run() is not None, run_id=run_id, tags=process_tags())
+def reopen(run_id: str, system_metrics: bool = False):
+    """The stopped run ``run_id``, open again (RUNNING, with this process's tags) to continue it."""
+    nested = tracking.active_run() is not None
+    return tracking.start_run(
+        None, "", nested=nested, run_id=run_id, tags=process_tags(), system_metrics=system_metrics
+    )
 
 
 @contextlib.contextmanager

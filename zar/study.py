@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,7 +39,7 @@ def run_study(
 
     ``jobs > 1`` trains up to that many children at once, each in a process of its own.
     """
-    check_study(models, baseline)
+    check_study(models, baseline, seeds)
     cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
     configs = {seed: cfg.replace(seed=seed) for seed in seeds}  # a bad seed fails now, before any run
     data = load_data(cfg)  # once for all runs: a bad folder fails now, and images are decoded once
@@ -107,7 +109,26 @@ def _report(run_id: str, experiment_id: str, models: list[str], baseline: str, e
             out / "final_val_acc.png",
         )
         tracking.log_artifacts(run_id, tmp)
+    tracking.log_metrics(run_id, table_metrics(table))
     echo("")
     echo(markdown)
     echo(compare.describe_usage(len(fetched.rows), fetched.left_out))
     return table
+
+
+def table_metrics(table: list[compare.TableRow]) -> dict[str, float]:
+    """The table's numbers as the parent run's metrics (``val_acc_mean.se_mish``), so that the runs
+    table and the Compare view show them, not only the artifacts. Accuracies in percent, as printed."""
+    out = {}
+    by_model = len({row.model for row in table}) == len(table)  # else rows differ in settings too: use their names
+    for row in table:
+        values = {
+            "val_acc_mean": row.val_acc_mean,
+            "val_acc_std": row.val_acc_std,
+            "train_eval_acc_mean": row.train_eval_acc_mean,
+            "val_acc_vs_baseline": row.val_acc_vs_baseline,
+            "runs": row.runs,
+        }
+        name = row.model if by_model else re.sub(r"[^\w./ -]+", "_", row.name)  # what MLflow keys may hold
+        out.update({f"{key}.{name}": v for key, v in values.items() if v is not None and math.isfinite(v)})
+    return out

@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import time
 import warnings
+from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
 from urllib.parse import urlparse
@@ -31,12 +32,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
-from .errors import ZarError
-from .store import DEFAULT_EXPERIMENT, probe_server  # noqa: F401  (DEFAULT_EXPERIMENT re-exported)
+from .errors import ZarError, clip
+from .store import DEFAULT_EXPERIMENT, probe_server, redact, without_credentials  # noqa: F401  (re-exported)
 
 TAG_MODEL = "zar.model"
 TAG_DISPLAY = "zar.display_name"
-TAG_FINGERPRINT = "zar.split_fingerprint"
+TAG_FINGERPRINT = "zar.split_fingerprint"  # the validation set's sample ids and labels
+TAG_DATA_FINGERPRINT = "zar.data_fingerprint"  # the content of both splits, class names and image size
 TAG_ERROR = "zar.error"
 TAG_CHECKPOINT = "zar.checkpoint"
 TAG_PID = "zar.pid"
@@ -52,8 +54,19 @@ FINISHED, FAILED, KILLED, RUNNING = (
     RunStatus.to_string(s) for s in (RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED, RunStatus.RUNNING)
 )
 
+# Training runs on this machine last minutes, some seconds: sample often enough to show them.
+SYSTEM_METRICS_INTERVAL_S = 2
+mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
+mlflow.set_system_metrics_samples_before_logging(1)
+
 # MLflow's migrations and start-up chatter is noise on every command.
-for _name in ("alembic", "mlflow.store.db.utils", "mlflow.tracking.fluent", "mlflow.utils.requirements_utils"):
+for _name in (
+    "alembic",
+    "mlflow.store.db.utils",
+    "mlflow.tracking.fluent",
+    "mlflow.utils.requirements_utils",
+    "mlflow.system_metrics",
+):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
@@ -79,11 +92,18 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
-def check_reachable(timeout: float = 5.0) -> None:
+def shown_uri() -> str:
+    """The tracking URI as messages show it: never its password."""
+    return redact(tracking_uri())
+
+
+def check_reachable(timeout: float = 5.0, create: bool = True) -> None:
     """Make sure the store answers before any work: fail in seconds, not after MLflow's minutes of retries.
 
     A server must answer HTTP; a new SQLite file is created here, one process at a time,
     because MLflow's table migrations break when several processes create it at once.
+    ``create=False`` (commands that only read) refuses a SQLite file that does not exist
+    rather than leave an empty store behind.
     """
     uri = tracking_uri()
     parsed = urlparse(uri)
@@ -93,6 +113,8 @@ def check_reachable(timeout: float = 5.0) -> None:
         db = Path(url2pathname(uri[len("sqlite:///") :])) if uri.startswith("sqlite:///") else None
         if db is None or str(db) in ("", ":memory:"):
             return
+        if not create and not db.exists():
+            raise ZarError(f"no runs here: there is no MLflow store at {db} (set MLFLOW_TRACKING_URI to read another)")
         db.parent.mkdir(parents=True, exist_ok=True)
         with open(db.with_name(db.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -115,7 +137,7 @@ def get_run(run_id: str):
     try:
         return client().get_run(run_id)
     except MlflowException:
-        raise ZarError(f"no MLflow run with id '{run_id}' at {tracking_uri()}") from None
+        raise ZarError(f"no MLflow run with id {clip(repr(run_id))} at {shown_uri()}") from None
 
 
 def experiment_name(experiment_id: str) -> str:
@@ -127,7 +149,7 @@ def get_experiment_id(name: str, create: bool = True) -> str:
     exp = _retry_locked(c.get_experiment_by_name)(name)
     if exp is None:
         if not create:
-            raise ZarError(f"no MLflow experiment named '{name}' at {tracking_uri()}; pass --experiment NAME")
+            raise ZarError(f"no MLflow experiment named {clip(repr(name))} at {shown_uri()}; pass --experiment NAME")
         try:
             return _retry_locked(c.create_experiment)(name)
         except MlflowException as e:  # another process created it first
@@ -149,8 +171,11 @@ def start_run(
     run_id: str | None = None,
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
+    system_metrics: bool = False,
 ):
     """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
+
+    ``system_metrics``: MLflow samples CPU, memory (and GPU where pynvml finds one) while the run is open.
 
     ``parent_run_id`` names a parent held by another process (``zar study --jobs``). ``tags`` are
     set as the run is created or reopened, in the same call.
@@ -167,6 +192,7 @@ def start_run(
         nested=nested and parent_run_id is None,
         parent_run_id=parent_run_id,
         tags=tags,
+        log_system_metrics=system_metrics,
     )
     if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
         del os.environ["MLFLOW_RUN_ID"]
@@ -239,10 +265,11 @@ def checkpoint_path(run) -> Path:
 def runs_url(experiment_id: str, run_id: str | None = None) -> str:
     """Where to look in the MLflow UI: its training-runs table, not the GenAI view it opens on."""
     uri = tracking_uri()
-    base = uri.rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    base = without_credentials(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    view = "?workflowType=machine_learning"  # without it a run's page shows the GenAI side bar
     if run_id:
-        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{view}"
+    return f"{base}/#/experiments/{experiment_id}/runs{view}"
 
 
 # --- reading runs back ---------------------------------------------------------------------------
@@ -271,9 +298,17 @@ def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | 
             return runs
 
 
-def latest_runs(experiment_id: str, max_results: int = 1000) -> list:
-    """The experiment's runs, newest first."""
-    return client().search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=max_results)
+def latest_runs(experiment_id: str, page_size: int = 1000) -> Iterator:
+    """Every run of the experiment, newest first, fetched a page at a time."""
+    token = None
+    while True:
+        page = client().search_runs(
+            [experiment_id], order_by=["attributes.start_time DESC"], max_results=page_size, page_token=token
+        )
+        yield from page
+        token = page.token
+        if not token:
+            return
 
 
 def children_filter(parent_run_id: str) -> str:
@@ -351,16 +386,19 @@ def _warm_up() -> None:
         _init_packages_to_modules_map()
 
 
-def log_model(model, input_example, pip_requirements: list[str]) -> None:
-    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run.
+def log_model(model, name: str, step: int, input_example, pip_requirements: list[str]) -> str:
+    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run; its model id.
 
+    ``step``: the epoch the weights are from; MLflow links that step's metrics to the model.
     ``validate_serving_input=False``: MLflow would load the saved model back and run the example
     through it (2.5 s a run); zar's tests load a logged model and predict with it instead.
     """
-    mlflow.pytorch.log_model(
+    info = mlflow.pytorch.log_model(
         model,
-        name="model",
+        name=name,
+        step=step,
         input_example=input_example,
         pip_requirements=pip_requirements,
         validate_serving_input=False,
     )
+    return info.model_id

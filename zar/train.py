@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,16 +20,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Subset
 from torch.utils.serialization import config as serialization_config
 
-from . import plots, runs, tracking
+from . import plots, provenance, runs, tracking
 from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
-from .errors import TrainingFailed, ZarError
+from .errors import TrainingFailed, ZarError, clip
 from .models import build_model, count_params
 from .tracking import FINISHED, RUNNING
+
+# The training images evaluated like the validation set after each epoch: as many as it has, at most this.
+TRAIN_EVAL_MAX = 5000
 
 
 def print_line(line: str) -> None:
@@ -86,8 +92,23 @@ def prepare(model_name: str, cfg: TrainConfig, echo: Callable[[str], None], data
 def _build_trainer(job: Job, progress: bool) -> Trainer:
     """The model (seeded: the same weights for the same seed) and the loop that trains it."""
     torch.manual_seed(job.cfg.seed)
-    model = build_model(job.model_name, job.cfg.depth, len(job.data.classes), job.cfg.se_reduction)
-    return Trainer(model, job.data.train, job.data.val, job.cfg, job.device, progress)
+    data = job.data
+    model = build_model(job.model_name, job.cfg.depth, len(data.classes), job.cfg.se_reduction)
+    size = min(len(data.val), TRAIN_EVAL_MAX)
+    train_eval = Subset(data.train, train_eval_indices(data.train_labels, size, job.cfg.split_seed))
+    return Trainer(model, data.train, data.val, job.cfg, job.device, progress, train_eval_set=train_eval)
+
+
+def train_eval_indices(labels: list[int], size: int, seed: int) -> list[int]:
+    """A fixed, stratified choice of ``size`` training images: the same for every architecture and seed."""
+    n = len(labels)
+    if size >= n:
+        return list(range(n))
+    try:
+        chosen, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=seed)
+    except ValueError:  # fewer images than classes: stratifying is impossible, a plain sample is not
+        chosen = np.random.default_rng(seed).choice(n, size, replace=False)
+    return sorted(int(i) for i in chosen)
 
 
 def train(
@@ -109,7 +130,7 @@ def train(
     cfg, data = job.cfg, job.data
     tracking.check_reachable()
     run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
-    job.run = runs.start(experiment, run_name, parent_run_id)
+    job.run = runs.start(experiment, run_name, parent_run_id, system_metrics=True)
     job.ckpt = tracking.checkpoint_path(job.run)
     with runs.closing(
         job.run_id,
@@ -118,13 +139,16 @@ def train(
             tracking.TAG_MODEL: model_name,
             tracking.TAG_DISPLAY: job.display,
             tracking.TAG_FINGERPRINT: data.fingerprint,
+            tracking.TAG_DATA_FINGERPRINT: data.data_fingerprint,
             tracking.TAG_DEVICE: str(job.device),
             tracking.TAG_CHECKPOINT: str(job.ckpt),
+            **provenance.code_tags(),
         },
     ):
         tracking.log_params(
             job.run_id, {**cfg.to_dict(), "model": model_name, "dataset": data.name, "num_classes": len(data.classes)}
         )
+        check_writable(job)
         log_datasets(data)
         job.trainer = _build_trainer(job, progress)
         tracking.log_metrics(job.run_id, count_params(job.trainer.model))
@@ -136,27 +160,42 @@ def train(
 
 
 def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = print_line) -> TrainingResult:
-    """Continue a stopped run from its last completed epoch, in the same MLflow run."""
+    """Continue a stopped run from its last completed epoch, in the same MLflow run.
+
+    Refused, before anything changes, when the code that started the run differs (zar's version
+    or git commit) or its checkpoint is missing or unreadable. The run is claimed (reopened, with
+    this process's tags) before the data loads, so a second resume meanwhile finds it taken; data
+    that changed since the run started fails the resume (and the run) before training.
+    """
+    if not re.fullmatch(r"[\w-]+", run_id):
+        raise ZarError(f"bad run id {clip(repr(run_id))}: a run id is letters, digits, '-' and '_'")
     tracking.check_reachable()
     run = tracking.get_run(run_id)
     tags = run.data.tags
     _check_resumable(run)
-    ckpt = Path(tags.get(tracking.TAG_CHECKPOINT) or tracking.checkpoint_path(run))
-    if not ckpt.exists():
-        raise ZarError(
-            f"run {run_id} has no checkpoint at {ckpt} (it stopped before its first epoch ended); "
-            "start a new run instead"
-        )
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    job = prepare(state["model_name"], from_dict(state["config"], source=str(ckpt)), echo)
-    if job.data.fingerprint != tags.get(tracking.TAG_FINGERPRINT):
-        raise ZarError(
-            f"the data of run {run_id} changed since it started (validation set "
-            f"{job.data.fingerprint} != {tags.get(tracking.TAG_FINGERPRINT)}); start a new run instead"
-        )
+    changed = provenance.resume_mismatch(tags)
+    if changed:
+        raise ZarError(f"run {run_id} was trained by other code ({changed}); start a new run instead")
+    # Always the run's own location, never the checkpoint tag: a tag on a shared server must not
+    # point zar at a file to read or delete.
+    ckpt = tracking.checkpoint_path(run)
+    state = load_checkpoint(ckpt, run_id)
+    model_name, cfg = known_model(state["model_name"]).name, from_dict(state["config"], source=str(ckpt))
 
-    job.run, job.ckpt = runs.reopen(run_id), ckpt
-    with runs.closing(run_id, {tracking.TAG_DEVICE: str(job.device)}):
+    reopened = runs.reopen(run_id, system_metrics=True)
+    with runs.closing(run_id):
+        job = prepare(model_name, cfg, echo)
+        job.run, job.ckpt = reopened, ckpt
+        for key, now, then in (
+            ("validation set", job.data.fingerprint, tags.get(tracking.TAG_FINGERPRINT)),
+            ("data", job.data.data_fingerprint, tags.get(tracking.TAG_DATA_FINGERPRINT)),
+        ):
+            if then is not None and now != then:
+                raise ZarError(
+                    f"the {key} of run {run_id} changed since it started (fingerprint {then}, now {now}); "
+                    "start a new run instead"
+                )
+        tracking.set_tags(run_id, {tracking.TAG_DEVICE: str(job.device)})
         if tracking.TAG_ERROR in tags:  # the error that stopped it no longer describes the run
             tracking.delete_tag(run_id, tracking.TAG_ERROR)
         job.trainer = _build_trainer(job, progress)
@@ -168,6 +207,24 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
                 tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
         echo(f"{job.display}: resuming run {run_id} after epoch {job.trainer.epoch} of {job.cfg.epochs}")
         return _fit(job)
+
+
+def load_checkpoint(path: Path, run_id: str) -> dict:
+    """The checkpoint at ``path``; missing, empty or truncated is a one-line error naming it."""
+    if not path.exists():
+        raise ZarError(
+            f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended); "
+            "start a new run instead"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("model", "optimizer", "epoch", "config", "model_name") if k not in state]
+    except Exception as e:  # EOFError, a bad zip, an unpickling error: all mean a broken file
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no data'}"
+        raise ZarError(f"checkpoint {path} is empty or truncated ({clip(reason)}); start a new run instead") from None
+    if missing:
+        raise ZarError(f"checkpoint {path} is not a zar checkpoint (no {missing[0]!r}); start a new run instead")
+    return state
 
 
 def _check_resumable(run) -> None:
@@ -196,8 +253,8 @@ def _fit(job: Job) -> TrainingResult:
             tracking.log_metrics(job.run_id, r.metrics(), step=r.epoch)
             echo(
                 f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  "
-                f"train_acc {100 * r.train_acc:6.2f}%  val_loss {r.val_loss:.4f}  "
-                f"val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)"
+                f"train_acc {100 * r.train_acc:6.2f}% (eval mode {100 * r.train_eval_acc:6.2f}%)  "
+                f"val_loss {r.val_loss:.4f}  val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)"
             )
     except Diverged as e:
         kept = (
@@ -242,6 +299,25 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.close(folder)
 
 
+def check_writable(job: Job) -> None:
+    """Fail now, not after the first epoch: the checkpoint folder takes a file, the artifact store
+    takes the run's config (logged first for that reason)."""
+    folder = job.ckpt.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ZarError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+    try:
+        tracking.log_text(job.run_id, to_yaml(job.cfg), "config.yaml")
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ZarError(
+            f"cannot write to the run's artifact store {job.run.info.artifact_uri}: {clip(reason)}"
+        ) from None
+
+
 def log_datasets(data: DataBundle) -> None:
     """The train and validation splits as MLflow datasets of sample ids and class names."""
     from_code = data.name in BUILT_IN_DATA and not Path(data.source).exists()
@@ -256,8 +332,8 @@ def log_datasets(data: DataBundle) -> None:
 
 
 def log_results(job: Job) -> None:
-    """What a person opens after training: confusion matrix, report, curves, config, and the model."""
-    trainer, data, cfg, display = job.trainer, job.data, job.cfg, job.display
+    """What a person opens after training: confusion matrix, report, curves, and the models."""
+    trainer, data, display = job.trainer, job.data, job.display
     final = trainer.evaluate()
     labels = list(range(len(data.classes)))
     cm = confusion_matrix(final.y_true, final.y_pred, labels=labels)
@@ -269,7 +345,6 @@ def log_results(job: Job) -> None:
         out = Path(tmp)
         (out / "confusion_matrix.json").write_text(json.dumps({"labels": data.classes, "matrix": cm.tolist()}))
         (out / "classification_report.json").write_text(json.dumps(report, indent=2))
-        (out / "config.yaml").write_text(to_yaml(cfg))
         if data.skipped:
             (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
         plots.confusion_matrix(
@@ -279,12 +354,25 @@ def log_results(job: Job) -> None:
         plots.curve(history, "loss", f"{display}: loss", out / "loss_curve.png")
         tracking.log_artifacts(job.run_id, tmp)
 
-    model = trainer.model.eval()
+    log_models(job)
+
+
+def log_models(job: Job) -> None:
+    """The final model ('model') and the best epoch's ('best'), each with the metrics measured on it.
+
+    The best epoch is chosen on the validation set, so 'best' is what an optimistic
+    ``zar compare --select best`` row stands for; the final model is what the default row is.
+    """
+    trainer, data = job.trainer, job.data
     example = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
     if len(example) < 2:  # torch.export fixes a batch size of one; two keeps it free
         example = example.repeat(2, 1, 1, 1)
-    tracking.log_model(
-        model.to("cpu"),
-        input_example=example.numpy().astype(np.float32),
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    example = example.numpy().astype(np.float32)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    model = trainer.model.eval().to("cpu")
+    last, best = trainer.history[-1], trainer.history[trainer.best_epoch - 1]
+    for name, state, result in (("model", None, last), ("best", trainer.best_state, best)):
+        if state is not None:
+            model.load_state_dict(state)
+        # MLflow links the run's metrics of that step (epoch) to the model: its page shows them.
+        tracking.log_model(model, name, result.epoch, example, requirements)
