@@ -259,7 +259,8 @@ def _check_study(models, seeds, baseline, cfg) -> None:
     type=click.Choice(["last", "best"]),
     default="last",
     show_default=True,
-    help="Final-epoch accuracies, or those of the epoch with the best val_acc.",
+    help="Final-epoch accuracies, or those of the epoch with the best val_acc (chosen on the "
+    "validation set itself, so optimistic).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["markdown", "csv", "json", "latex"]), default="markdown", show_default=True
@@ -270,8 +271,9 @@ def _check_study(models, seeds, baseline, cfg) -> None:
 def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output, include_unfinished, strict):
     """Print the study's table from the MLflow runs.
 
-    One row per architecture; several runs of one (seeds) give mean ± std and a Welch t-test
-    against the baseline.
+    One row per architecture and settings (runs that differ in lr, epochs, data... are never
+    averaged together); several seeds give mean ± std, the difference to the baseline with its
+    95% Welch confidence interval and, from 3 runs a side, a Holm-adjusted Welch t-test p-value.
     """
     if output and not os.path.isdir(os.path.dirname(output) or "."):  # else the table is made, then lost
         raise click.BadParameter(f"folder {os.path.dirname(output)} does not exist", param_hint="--output")
