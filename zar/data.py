@@ -44,7 +44,7 @@ class DataBundle:
     val_ids: list[str]
     train_labels: list[int]
     val_labels: list[int]
-    skipped: list[str] = field(default_factory=list)  # unreadable images left out
+    skipped: list[str] = field(default_factory=list)  # images that do not decode, left out
     content_sha256: str = ""  # of the images, labels, classes and image size
 
     @property
@@ -245,14 +245,14 @@ def _no_images(root: Path) -> DataError:
     )
 
 
-def _readable_rows(root: Path, files: list[tuple[str, int]], unreadable: list[int], skip_bad_images: bool) -> list[int]:
-    """The rows to train on: all but the unreadable ones, which are an error unless skipped."""
-    if unreadable and not skip_bad_images:
-        raise DataError(
-            f"unreadable image {root / imagecache.printable(files[unreadable[0]][0])} (truncated or not an image); "
-            "remove it or pass --skip-bad-images"
-        )
-    bad = set(unreadable)
+def _readable_rows(root: Path, files: list[tuple[str, int]], bad: dict[int, str], skip_bad_images: bool) -> list[int]:
+    """The rows to train on: all but those that do not decode, which are an error unless skipped."""
+    if bad and not skip_bad_images:
+        row = min(bad)
+        path = root / imagecache.printable(files[row][0])
+        if bad[row] == imagecache.UNREADABLE:
+            raise DataError(f"unreadable image {path} ({bad[row]}); remove it or pass --skip-bad-images")
+        raise DataError(f"image {path} is {bad[row]}; remove or shrink it, or pass --skip-bad-images")
     return [i for i in range(len(files)) if i not in bad]
 
 
@@ -277,7 +277,7 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
         cached = imagecache.load(root, classes, files, cfg.image_size)
     except imagecache.CacheError as e:
         raise DataError(str(e)) from None
-    rows = np.array(_readable_rows(root, files, cached.unreadable, cfg.skip_bad_images), dtype=np.int64)
+    rows = np.array(_readable_rows(root, files, cached.bad, cfg.skip_bad_images), dtype=np.int64)
     labels = np.array([files[i][1] for i in rows], dtype=np.int64)
     _check_classes(root, classes, labels)
     train_idx, val_idx = _split(labels, cfg)
@@ -292,6 +292,6 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
         val_ids=[ids[i] for i in val_idx],
         train_labels=[int(labels[i]) for i in train_idx],
         val_labels=[int(labels[i]) for i in val_idx],
-        skipped=[imagecache.printable(files[i][0]) for i in cached.unreadable],
+        skipped=[imagecache.printable(files[i][0]) for i in sorted(cached.bad)],
         content_sha256=cached.digest,
     )

@@ -10,13 +10,16 @@ and the image size, never by timestamps, so it can only be hit by the very bytes
 from. Hashing reads every file, so a stat cache remembers each file's hash next to its size and
 mtime, as git's index does: an unchanged folder then costs one stat per file and no reads.
 
+Decoding reads an image as an image library shows it: EXIF orientation applied, 16-bit and
+float images scaled to 8 bits, transparency composited on black (see ``decode``).
+
 Files under ``$ZAR_CACHE_DIR/images/`` (default ``~/.cache/zar/images/``):
 
-- ``v1-<digest>.npy``: N x 3 x S x S uint8, one row per file in listing order (CHW, as the model
-  takes it, so a batch needs no transpose); rows of unreadable files stay zero.
-- ``v1-<digest>.json``: its metadata (which rows are unreadable). Written last: its presence
-  means the .npy next to it is complete.
-- ``v1-<digest>.lock``: held while building, so concurrent runs build it once.
+- ``v2-<digest>.npy``: N x 3 x S x S uint8, one row per file in listing order (CHW, as the model
+  takes it, so a batch needs no transpose); rows of files that do not decode stay zero.
+- ``v2-<digest>.json``: its metadata (which rows do not decode, and why). Written last: its
+  presence means the .npy next to it is complete.
+- ``v2-<digest>.lock``: held while building, so concurrent runs build it once.
 - ``stats-<folder>.json``: one folder's stat cache.
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a
@@ -34,9 +37,11 @@ import json
 import math
 import multiprocessing
 import os
+import re
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -44,9 +49,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-CACHE_VERSION = 1
+# Names the files' layout and decode()'s pixels: bump it when either changes, so that no cache
+# (nor data fingerprint) made by another version is used. 2: EXIF, 16-bit, float, transparency.
+CACHE_VERSION = 2
 # A file modified within this long before it was hashed may change again without its size or
 # mtime changing (timestamps are coarse: a few ms on Linux, 2 s on FAT), so its hash is not
 # remembered and the next run hashes it again ("racy git").
@@ -77,13 +84,20 @@ class FileStat(NamedTuple):
     sha256: str  # "" when the file cannot be read: it then counts as an unreadable image
 
 
+UNREADABLE = "truncated or not an image"  # why a file does not decode, unless it is too large
+
+
+class BadImage(Exception):
+    """A file that does not decode; its message says why (UNREADABLE, or a decompression bomb)."""
+
+
 @dataclass
 class CachedFolder:
     """A folder's images in the cache: row i of ``pixels_path`` is ``files[i]``."""
 
     digest: str  # sha256 hex of the folder's content and the image size
     pixels_path: Path
-    unreadable: list[int]  # rows whose file does not decode
+    bad: dict[int, str]  # rows whose file does not decode -> why (UNREADABLE or a bomb's story)
     hashed: int  # files whose bytes were read to hash them (0 when the stat cache knew all)
     decoded: int  # files decoded (0 on a cache hit)
 
@@ -122,13 +136,13 @@ def _load(
     stats, hashed = _stats(root, rels, stat_cache, pool)
     digest = content_digest(classes, files, stats, image_size)
     store = _ImageStore(directory, digest)
-    unreadable, decoded = store.unreadable(), 0
-    if unreadable is None:
+    bad, decoded = store.bad(), 0
+    if bad is None:
         with store.locked():
-            unreadable = store.unreadable()  # another process may have built it while we waited
-            if unreadable is None:
+            bad = store.bad()  # another process may have built it while we waited
+            if bad is None:
                 try:
-                    unreadable = store.build(root, rels, stats, image_size, pool)
+                    bad = store.build(root, rels, stats, image_size, pool)
                 except _FolderChanged as e:
                     # Rewritten since hashed, or rewritten keeping size and mtime: forget their hashes,
                     # so that the next run reads them again instead of failing the same way.
@@ -139,7 +153,7 @@ def _load(
                     ) from None
                 decoded = len(files)
     stat_cache.save(dict(zip(rels, stats)))
-    return CachedFolder(digest, store.pixels, unreadable, hashed, decoded)
+    return CachedFolder(digest, store.pixels, bad, hashed, decoded)
 
 
 def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat], image_size: int) -> str:
@@ -227,13 +241,13 @@ class _ImageStore:
         stem = directory / f"v{CACHE_VERSION}-{digest}"
         self.pixels, self.meta, self.lock = (stem.with_suffix(s) for s in (".npy", ".json", ".lock"))
 
-    def unreadable(self) -> list[int] | None:
-        """Rows that do not decode, or None when the store is not (completely) there."""
+    def bad(self) -> dict[int, str] | None:
+        """Rows that do not decode -> why, or None when the store is not (completely) there."""
         try:
             meta = json.loads(self.meta.read_text())
         except (OSError, ValueError):
             return None
-        return meta["unreadable"] if self.pixels.exists() else None
+        return {row: why for row, why in meta["bad"]} if self.pixels.exists() else None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -241,8 +255,10 @@ class _ImageStore:
             fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if we are killed
             yield
 
-    def build(self, root: Path, rels: list[str], stats: list[FileStat], image_size: int, pool: _Workers) -> list[int]:
-        """Decodes every file into a temporary .npy, then publishes it; returns unreadable rows."""
+    def build(
+        self, root: Path, rels: list[str], stats: list[FileStat], image_size: int, pool: _Workers
+    ) -> dict[int, str]:
+        """Decodes every file into a temporary .npy, then publishes it; returns the rows that do not decode, and why."""
         fd, tmp = tempfile.mkstemp(dir=self.pixels.parent, prefix=self.pixels.name + ".", suffix=".tmp")
         os.close(fd)
         try:
@@ -261,14 +277,14 @@ class _ImageStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        unreadable = [i for i, (_, ok) in enumerate(decoded) if not ok]
-        meta = {"version": CACHE_VERSION, "shape": list(shape), "unreadable": unreadable}
+        bad = [[i, why] for i, (_, why) in enumerate(decoded) if why is not None]
+        meta = {"version": CACHE_VERSION, "shape": list(shape), "bad": bad}
         _write_atomic(self.meta, lambda f: f.write(json.dumps(meta).encode()))
-        return unreadable
+        return dict(bad)
 
 
-def _decode_files(npy_path: str, first_row: int, paths: list[str], image_size: int) -> list[tuple[str, bool]]:
-    """Decodes ``paths`` into rows ``first_row...`` of the .npy; (sha256, decoded) of each file.
+def _decode_files(npy_path: str, first_row: int, paths: list[str], image_size: int) -> list[tuple[str, str | None]]:
+    """Decodes ``paths`` into rows ``first_row...`` of the .npy; (sha256, why it does not decode or None) of each.
 
     Runs in a worker process: pixels go straight into the shared file, only hashes come back.
     """
@@ -276,25 +292,92 @@ def _decode_files(npy_path: str, first_row: int, paths: list[str], image_size: i
     results = []
     for row, path in enumerate(paths, start=first_row):
         st, data = _hash_file(path)  # hashed again: proves the pixels are of the bytes the digest names
-        image = decode(data, image_size) if data is not None else None
-        if image is not None:
-            pixels[row] = image
-        results.append((st.sha256, image is not None))
+        why = UNREADABLE if data is None else None
+        if data is not None:
+            try:
+                pixels[row] = decode(data, image_size)
+            except BadImage as e:
+                why = str(e)
+        results.append((st.sha256, why))
     pixels.flush()
     del pixels
     return results
 
 
-def decode(data: bytes, image_size: int) -> np.ndarray | None:
-    """3 x S x S uint8 RGB, resized as torchvision's ``Resize((S, S))`` does a PIL image; None if broken."""
+def decode(data: bytes, image_size: int) -> np.ndarray:
+    """3 x S x S uint8 RGB, as an image viewer shows the file, resized as torchvision's ``Resize((S, S))``.
+
+    - EXIF orientation applied (``ImageOps.exif_transpose``), so a phone's portrait is upright;
+    - 16-bit images (Pillow's modes I;16* and I, which it also gives 16-bit PGM files) keep their
+      high byte, ``value >> 8``, as OpenCV, scikit-image and torchvision's ``ToDtype`` do; an
+      ``I`` image with values outside 0..65535 (real 32-bit data) and float images (mode F) have
+      no range of their own, so they are stretched from their min..max to 0..255, as ImageJ does;
+    - transparency (RGBA, LA, palettes with transparency) composited on black, i.e. colours
+      premultiplied by alpha: equal to ``convert('RGB')`` wherever the image is opaque.
+
+    Raises BadImage: UNREADABLE (truncated, not an image), or a decompression bomb: an image of
+    more than ``Image.MAX_IMAGE_PIXELS`` pixels, which Pillow warns of and zar refuses to decode.
+    """
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            rgb = im.convert("RGB")  # decodes fully: a truncated file fails here
-        # Resize((S, S)) on a PIL image is PIL's bilinear resize, which antialiases when shrinking
-        resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise BadImage(_bomb(e)) from None
     except Exception:  # noqa: BLE001 -- PIL raises many types for broken files; all mean "unreadable"
-        return None
+        raise BadImage(UNREADABLE) from None
+    try:
+        with im:
+            im.load()  # decodes fully: a truncated file fails here
+            _upright(im)
+            rgb = _rgb(im)
+            # Resize((S, S)) on a PIL image is PIL's bilinear resize, which antialiases when shrinking
+            resized = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    except Exception:  # noqa: BLE001
+        raise BadImage(UNREADABLE) from None
     return np.asarray(resized).transpose(2, 0, 1)
+
+
+def _bomb(e: Exception) -> str:
+    """Why a file is refused as a decompression bomb, with its pixel count where Pillow's message has it."""
+    found = re.search(r"\((\d+) pixels\)", str(e))
+    size = f"{int(found[1]):,} pixels, " if found else ""
+    return f"too large to decode ({size}over Pillow's decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,})"
+
+
+def _upright(im: Image.Image) -> None:
+    """Applies the EXIF orientation in place; broken EXIF leaves the image as stored."""
+    with contextlib.suppress(Exception):  # EXIF is metadata: a bad tag does not make the pixels unreadable
+        ImageOps.exif_transpose(im, in_place=True)
+
+
+def _rgb(im: Image.Image) -> Image.Image:
+    """The image as 8-bit RGB (see ``decode``)."""
+    if im.mode == "RGB":
+        return im
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return Image.fromarray(_eight_bit(im), "L").convert("RGB")
+    if im.has_transparency_data:
+        rgba = im.convert("RGBA")  # convert('RGB') would drop (and, for a palette, warn about) transparency
+        rgb = Image.new("RGB", im.size)  # black
+        rgb.paste(rgba, mask=rgba.getchannel("A"))
+        return rgb
+    return im.convert("RGB")
+
+
+def _eight_bit(im: Image.Image) -> np.ndarray:
+    """H x W uint8 of a 16-bit, 32-bit or float grayscale image (see ``decode``)."""
+    if im.mode != "F":
+        values = np.asarray(im).astype(np.int64)
+        if im.mode != "I" or (values.size and 0 <= values.min() and values.max() <= 65535):
+            return (values.clip(0, 65535) >> 8).astype(np.uint8)
+    values = np.asarray(im, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo)
+    if hi <= lo:
+        return np.zeros(values.shape, np.uint8)
+    return np.rint((values - lo) * (255 / (hi - lo))).astype(np.uint8)
 
 
 # --- processes and files ---------------------------------------------------------------------------
