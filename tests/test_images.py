@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
 import warnings
 import zlib
@@ -44,6 +45,27 @@ def decoded(image: Image.Image, fmt: str = "PNG", **save) -> np.ndarray:
 
 def resized(rgb: np.ndarray) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((SIZE, SIZE), Image.Resampling.BILINEAR))
+
+
+# --- which files are samples ---------------------------------------------------------------------
+
+
+def test_hidden_files_and_folders_at_any_depth_are_never_samples(tmp_path):
+    folder = write_folder(tmp_path / "pets")
+    images = [str(p.relative_to(folder)) for p in folder.rglob("*.*")]
+    cat = folder / "cat"
+    (cat / "._0.jpg").write_bytes(b"\0\5\26\7 AppleDouble resource fork, not an image")
+    (cat / ".DS_Store").write_bytes(b"Bud1")
+    for hidden in (cat / ".ipynb_checkpoints", cat / ".hidden", cat / "sub" / ".cache", folder / ".trash"):
+        hidden.mkdir(parents=True)
+        shutil.copy(cat / "1.png", hidden / "1-checkpoint.png")  # a copy could land in the other split
+    shutil.copy(cat / "1.png", cat / "sub" / ".1.png")
+    shutil.copy(cat / "2.png", cat / "sub" / "kept.png")
+    age(*folder.rglob("*"))
+    data = load(folder)
+    ids = data.train_ids + data.val_ids
+    assert sorted(ids) == sorted([*images, os.path.join("cat", "sub", "kept.png")]) and len(ids) == 11
+    assert data.classes == ["cat", "dog"]
 
 
 # --- how a file becomes pixels -----------------------------------------------------------------------

@@ -11,6 +11,8 @@ pixels from there, so no epoch and no later run decodes an image again.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,7 +218,7 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
     check_data_path(str(root))
     classes, files = _scan_folder(root)
     if not files:
-        loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS]
+        loose = [p for p in root.iterdir() if _is_image(p.name) and p.is_file()]
         if not classes and loose:
             raise DataError(
                 f"data folder {root} holds images but no class sub-folders; "
@@ -227,15 +229,36 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 
 def _scan_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """The ImageFolder layout: one sub-folder per class (hidden ones aside), image files at any depth below."""
+    """The ImageFolder layout: one sub-folder per class, image files at any depth below.
+
+    Hidden files and folders (a name starting with '.') are skipped at every depth: macOS's
+    ``._x.png`` and ``.DS_Store``, Jupyter's ``.ipynb_checkpoints/`` (whose copies of images
+    could put a training image into validation). Symbolic links to folders below a class
+    folder are not followed (a link may loop). Files in the order of their path's parts.
+    """
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     files = [
-        (str(p.relative_to(root)), label)
+        (os.path.join(cls, *parts), label)
         for label, cls in enumerate(classes)
-        for p in sorted((root / cls).rglob("*"))
-        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+        for parts in sorted(_images_below(root / cls))
     ]
     return classes, files
+
+
+def _images_below(folder: Path, above: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    """The path parts, below ``folder``, of each image file at any depth, hidden ones aside."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                yield from _images_below(folder / entry.name, (*above, entry.name))
+            elif _is_image(entry.name) and entry.is_file():
+                yield (*above, entry.name)
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS
 
 
 def _no_images(root: Path) -> DataError:
