@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import os
 import subprocess
@@ -319,6 +321,64 @@ def test_tensor_data_fingerprint_is_stable_and_names_the_image_size(source):
     c = load_data(TrainConfig(data=source, image_size=20))
     assert a.data_fingerprint == b.data_fingerprint != c.data_fingerprint
     assert len(a.data_fingerprint) == 16 and a.fingerprint == c.fingerprint  # same validation images
+
+
+def test_a_second_load_opens_no_file_of_the_folder(tmp_path, monkeypatch):
+    """The stat cache vouches for every file: not one is opened, whatever reads it."""
+    folder = write_folder(tmp_path / "pets")
+    load(folder)
+    opened = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        opened.append(file)
+        return real_open(file, *args, **kwargs)
+
+    def spy_os_open(path, *args, **kwargs):
+        opened.append(path)
+        return real_os_open(path, *args, **kwargs)
+
+    for owner, name, spy in ((builtins, "open", spy_open), (io, "open", spy_open), (os, "open", spy_os_open)):
+        monkeypatch.setattr(owner, name, spy)
+    everything(load(folder).train)
+    assert opened and not [f for f in opened if not isinstance(f, int) and str(f).startswith(str(folder))]
+
+
+# --- the stat cache: a file's hash is trusted while its size, mtime, ctime and inode are the same ------
+
+
+def with_a_byte_changed(path: Path) -> None:
+    """The same JPEG but for one byte of its header (a pixel density), keeping its size and mtime.
+
+    As ``cp -p`` or ``rsync -t`` leave a file: only its ctime says it was written.
+    """
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    assert data[6:11] == b"JFIF\0"
+    data[15] ^= 1  # X density, low byte: the pixels stay the same
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def jpeg_folder(root: Path, per_class: int) -> Path:
+    """write_folder's images, all as JPEG."""
+    folder = write_folder(root, per_class=per_class)
+    for png in folder.rglob("*.png"):
+        Image.open(png).convert("RGB").save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    age(*folder.rglob("*.jpg"))
+    return folder
+
+
+def test_one_byte_changed_in_either_split_changes_the_data_fingerprint_even_with_size_and_mtime_kept(tmp_path):
+    folder = jpeg_folder(tmp_path / "pets", per_class=6)
+    first = load(folder)
+    seen = {first.data_fingerprint}
+    for sample_id in (first.train_ids[0], first.val_ids[0]):
+        with_a_byte_changed(folder / sample_id)
+        changed = load(folder)
+        assert changed.data_fingerprint not in seen and changed.fingerprint == first.fingerprint
+        seen.add(changed.data_fingerprint)
 
 
 def test_the_benchmark_runs_tiny():

@@ -7,8 +7,10 @@ memory-mapped file (a folder larger than RAM works); every later epoch and run o
 
 The cache is keyed by the folder's content (each file's relative path, class, size and sha256)
 and the image size, never by timestamps, so it can only be hit by the very bytes it was built
-from. Hashing reads every file, so a stat cache remembers each file's hash next to its size and
-mtime, as git's index does: an unchanged folder then costs one stat per file and no reads.
+from. Hashing reads every file, so a stat cache remembers each file's hash next to its size,
+mtime, ctime and inode, as git's index does: an unchanged folder then costs one stat per file
+and no reads, and a file replaced by one of the same size and mtime (``cp -p``, ``rsync -t``)
+still has a new ctime, so it is hashed again.
 
 Decoding reads an image as an image library shows it: EXIF orientation applied, 16-bit and
 float images scaled to 8 bits, transparency composited on black (see ``decode``).
@@ -82,6 +84,8 @@ class FileStat(NamedTuple):
     size: int
     mtime_ns: int
     sha256: str  # "" when the file cannot be read: it then counts as an unreadable image
+    ctime_ns: int = -1  # changes on every write, also when mtime is set back; nobody can set it
+    inode: int = -1  # changes when another file is renamed over this one
 
 
 UNREADABLE = "truncated or not an image"  # why a file does not decode, unless it is too large
@@ -172,7 +176,7 @@ def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list
 
 
 class StatCache:
-    """path -> (size, mtime_ns, sha256) of one folder, so that unchanged files are not read again."""
+    """path -> (size, mtime_ns, sha256, ctime_ns, inode) of one folder, so that unchanged files are not read again."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -181,12 +185,14 @@ class StatCache:
     def _read(self) -> dict[str, FileStat]:
         try:
             data = json.loads(self.path.read_text())
+            if data["version"] != CACHE_VERSION:
+                return {}
             return {rel: FileStat(*entry) for rel, entry in data["files"].items()}
         except (OSError, ValueError, KeyError, TypeError):
             return {}  # no stat cache, or an unusable one: files get hashed again, nothing worse
 
     def lookup(self, path: Path, rel: str) -> FileStat | None:
-        """The remembered hash when the file's size and mtime are unchanged."""
+        """The remembered hash when the file's size, mtime, ctime and inode are unchanged."""
         known = self.known.get(rel)
         if known is None:
             return None
@@ -194,7 +200,7 @@ class StatCache:
             st = os.stat(path)
         except OSError:
             return None  # gone since the listing: reading it will say so
-        return known if (st.st_size, st.st_mtime_ns) == (known.size, known.mtime_ns) else None
+        return known if _stat_key(st) == (known.size, known.mtime_ns, known.ctime_ns, known.inode) else None
 
     def save(self, stats: dict[str, FileStat]) -> None:
         """Remembers ``stats`` (files gone from the folder are forgotten), except racy ones."""
@@ -230,7 +236,11 @@ def _hash_file(path: str) -> tuple[FileStat, bytes | None]:
             data = f.read()
     except OSError:
         return FileStat(-1, -1, ""), None
-    return FileStat(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest()), data
+    return FileStat(st.st_size, st.st_mtime_ns, hashlib.sha256(data).hexdigest(), st.st_ctime_ns, st.st_ino), data
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
 
 # --- the image store: one .npy of pixels and its metadata per digest -----------------------------
