@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from test_data import SIZE, age, cached_pixels, load, write_folder
+from test_data import SIZE, Spy, age, cached_pixels, load, write_folder
 
 from zar import imagecache
 from zar.data import DataError
@@ -172,3 +172,38 @@ def test_a_decompression_bomb_is_named_as_such_and_skipped_on_request(tmp_path, 
         assert str(e.value) == message
     skipping = load(folder, skip_bad_images=True)
     assert skipping.skipped == [os.path.join("dog", "bomb.png")] and len(skipping.train) + len(skipping.val) == 10
+
+
+# --- file names that are not UTF-8 -------------------------------------------------------------------
+
+
+def test_names_that_are_not_utf8_are_kept_and_shown_as_escapes(tmp_path, monkeypatch):
+    """A class folder and a file whose names' bytes are not UTF-8, as old archives have them."""
+    folder = write_folder(tmp_path / "pets")
+    cafe = folder / os.fsdecode(b"caf\xe9")
+    try:
+        cafe.mkdir()
+        for i in range(3):
+            Image.new("RGB", (20, 20), (i, 2, 3)).save(cafe / os.fsdecode(b"\xff%d.png" % i))
+        (cafe / os.fsdecode(b"\xfe.png")).write_bytes(b"not an image")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    age(*cafe.iterdir())
+    with pytest.raises(DataError) as e:
+        load(folder)
+    assert str(e.value).startswith(f"unreadable image {folder}/caf\\xe9/\\xfe.png (")
+    str(e.value).encode("utf-8")  # printable, also where stdout is UTF-8
+    data = load(folder, skip_bad_images=True)
+    ids = data.train_ids + data.val_ids
+    assert data.classes == ["caf\\xe9", "cat", "dog"] and data.skipped == ["caf\\xe9/\\xfe.png"]
+    assert {"caf\\xe9/\\xff0.png", "caf\\xe9/\\xff1.png", "caf\\xe9/\\xff2.png"} <= set(ids) and len(ids) == 13
+    for text in (*ids, *data.classes, *data.skipped, data.name, data.source, data.fingerprint, data.data_fingerprint):
+        text.encode("utf-8")  # the MLflow dataset records, tags and params take text
+    for name in ("_hash_file", "decode"):
+        Spy(monkeypatch, imagecache, name, forbid=True)
+    hits = load(folder, skip_bad_images=True)  # from the stat cache and the image cache
+    assert (hits.data_fingerprint, hits.fingerprint, hits.val_ids) == (
+        data.data_fingerprint,
+        data.fingerprint,
+        data.val_ids,
+    )

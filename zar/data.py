@@ -6,6 +6,9 @@ set so that runs can be proven to share it, and one of the data's content.
 
 An image folder is decoded once into zar.imagecache's memory-mapped cache; training reads
 pixels from there, so no epoch and no later run decodes an image again.
+
+Every name that leaves this module (sample ids, class names, messages) is text that can be
+printed: bytes of a file name that are not UTF-8 appear as \\xNN (``imagecache.printable``).
 """
 
 from __future__ import annotations
@@ -221,7 +224,7 @@ def _list_folder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
         loose = [p for p in root.iterdir() if _is_image(p.name) and p.is_file()]
         if not classes and loose:
             raise DataError(
-                f"data folder {root} holds images but no class sub-folders; "
+                f"data folder {_printable(root)} holds images but no class sub-folders; "
                 "put each class's images in a sub-folder named after the class"
             )
         raise _no_images(root)
@@ -261,9 +264,13 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMG_EXTENSIONS
 
 
+def _printable(path: Path | str) -> str:
+    return imagecache.printable(str(path))
+
+
 def _no_images(root: Path) -> DataError:
     return DataError(
-        f"data folder {root} has no images; expected one sub-folder per class holding "
+        f"data folder {_printable(root)} has no images; expected one sub-folder per class holding "
         f"{', '.join(sorted(IMG_EXTENSIONS))} files"
     )
 
@@ -272,7 +279,7 @@ def _readable_rows(root: Path, files: list[tuple[str, int]], bad: dict[int, str]
     """The rows to train on: all but those that do not decode, which are an error unless skipped."""
     if bad and not skip_bad_images:
         row = min(bad)
-        path = root / imagecache.printable(files[row][0])
+        path = _printable(root / files[row][0])
         if bad[row] == imagecache.UNREADABLE:
             raise DataError(f"unreadable image {path} ({bad[row]}); remove it or pass --skip-bad-images")
         raise DataError(f"image {path} is {bad[row]}; remove or shrink it, or pass --skip-bad-images")
@@ -286,12 +293,12 @@ def _check_classes(root: Path, classes: list[str], labels: np.ndarray) -> None:
     counts = np.bincount(labels, minlength=len(classes))
     if np.count_nonzero(counts) < 2:
         raise DataError(
-            f"data folder {root} has images of {np.count_nonzero(counts)} class; "
+            f"data folder {_printable(root)} has images of {np.count_nonzero(counts)} class; "
             "a classifier needs at least 2 class sub-folders"
         )
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise DataError(f"class folder {root / empty[0]} has no readable images")
+        raise DataError(f"class folder {_printable(root / empty[0])} has no readable images")
 
 
 def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
@@ -305,10 +312,11 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
     _check_classes(root, classes, labels)
     train_idx, val_idx = _split(labels, cfg)
     ids = [imagecache.printable(files[i][0]) for i in rows]
+    names = [imagecache.printable(c) for c in classes]
     return DataBundle(
-        name=root.resolve().name,
-        source=str(root.resolve()),
-        classes=classes,
+        name=_printable(root.resolve().name),
+        source=_printable(root.resolve()),
+        classes=names,
         train=CachedImages(cached.pixels_path, rows[train_idx], labels[train_idx]),
         val=CachedImages(cached.pixels_path, rows[val_idx], labels[val_idx]),
         train_ids=[ids[i] for i in train_idx],
