@@ -19,9 +19,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from zar import data as data_module
 from zar import imagecache
 from zar.config import TrainConfig
-from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, load_data
+from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, content_digest, load_data
 
 from helpers import ROOT
 
@@ -344,7 +345,7 @@ def test_a_second_load_opens_no_file_of_the_folder(tmp_path, monkeypatch):
     assert opened and not [f for f in opened if not isinstance(f, int) and str(f).startswith(str(folder))]
 
 
-# --- the stat cache: a file's hash is trusted while its size, mtime, ctime and inode are the same ------
+# --- the data fingerprint: every sample's bytes and class, the classes, the image size ------------------
 
 
 def with_a_byte_changed(path: Path) -> None:
@@ -370,6 +371,21 @@ def jpeg_folder(root: Path, per_class: int) -> Path:
     return folder
 
 
+def test_the_data_fingerprint_names_content_not_file_names(tmp_path):
+    folder = jpeg_folder(tmp_path / "pets", per_class=6)
+    base = load(folder).data_fingerprint
+    (folder / "cat" / "1.jpg").rename(folder / "cat" / "renamed.jpg")
+    (folder / "dog" / "sub").mkdir()
+    (folder / "dog" / "2.jpg").rename(folder / "dog" / "sub" / "2.jpg")
+    assert load(folder).data_fingerprint == base
+
+    (folder / "dog" / "4.jpg").rename(folder / "cat" / "4-from-dog.jpg")  # another class
+    moved = load(folder).data_fingerprint
+    (folder / "cat" / "4-from-dog.jpg").rename(folder / "dog" / "4.jpg")
+    assert moved != base and load(folder).data_fingerprint == base
+    assert load_data(TrainConfig(data=str(folder), image_size=SIZE + 1)).data_fingerprint != base
+
+
 def test_one_byte_changed_in_either_split_changes_the_data_fingerprint_even_with_size_and_mtime_kept(tmp_path):
     folder = jpeg_folder(tmp_path / "pets", per_class=6)
     first = load(folder)
@@ -379,6 +395,56 @@ def test_one_byte_changed_in_either_split_changes_the_data_fingerprint_even_with
         changed = load(folder)
         assert changed.data_fingerprint not in seen and changed.fingerprint == first.fingerprint
         seen.add(changed.data_fingerprint)
+
+
+def test_the_data_fingerprint_is_of_the_samples_trained_on(tmp_path):
+    """A broken file left out with --skip-bad-images is as if it were not there."""
+    folder = write_folder(tmp_path / "pets", per_class=6)
+    truncate(folder / "dog" / "3.jpg")
+    skipping = load(folder, skip_bad_images=True)
+    (folder / "dog" / "3.jpg").unlink()
+    assert load(folder).data_fingerprint == skipping.data_fingerprint
+
+
+def test_the_content_digest_names_the_classes_labels_and_samples():
+    samples = [(0, "a" * 64), (1, "b" * 64), (1, "c" * 64)]
+    digest = content_digest("zar test, size 24", ["cat", "dog"], samples)
+    assert digest == content_digest("zar test, size 24", ["cat", "dog"], reversed(samples))  # order does not count
+    assert (
+        len(
+            {
+                digest,
+                content_digest("zar test, size 24", ["cat", "dog", "owl"], samples),  # a class more
+                content_digest("zar test, size 24", ["cat", "dog"], [(0, "a" * 64), (0, "b" * 64), (1, "c" * 64)]),
+                content_digest("zar test, size 24", ["cat", "dog"], samples[:2]),  # a sample less
+                content_digest("zar test, size 24", ["cat", "dog"], [*samples, samples[0]]),  # a duplicate more
+                content_digest("zar test, size 32", ["cat", "dog"], samples),
+            }
+        )
+        == 6
+    )
+
+
+def test_tensor_data_fingerprints_cover_every_pixel_label_and_class(monkeypatch):
+    real = data_module._synthetic
+    base = load_data(TrainConfig(data="synthetic", image_size=16)).data_fingerprint
+
+    def fingerprint(change) -> str:
+        def changed():
+            images, labels, classes = real()
+            change(images, labels, classes)
+            return images, labels, classes
+
+        monkeypatch.setattr(data_module, "_synthetic", changed)
+        return load_data(TrainConfig(data="synthetic", image_size=16)).data_fingerprint
+
+    assert fingerprint(lambda images, labels, classes: None) == base
+    fingerprints = {
+        fingerprint(lambda images, labels, classes: images[95, 0, 7, 7].add_(1e-3)),
+        fingerprint(lambda images, labels, classes: labels.__setitem__(95, (labels[95] + 1) % 4)),
+        fingerprint(lambda images, labels, classes: classes.__setitem__(3, "other")),
+    }
+    assert base not in fingerprints and len(fingerprints) == 3
 
 
 def test_the_benchmark_runs_tiny():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +50,15 @@ class DataBundle:
     train_labels: list[int]
     val_labels: list[int]
     skipped: list[str] = field(default_factory=list)  # images that do not decode, left out
-    content_sha256: str = ""  # of the images, labels, classes and image size
+    content_sha256: str = ""  # of every sample's bytes and label, the classes and the image size
 
     @property
     def data_fingerprint(self) -> str:
-        """Names the data's content: equal for the same bytes at the same image size, wherever they lie."""
+        """Names the data's content: equal for the same bytes in the same classes at the same image size.
+
+        Covers every sample of both splits; not file names nor the order of the samples, so a
+        renamed or moved copy of a folder has the same fingerprint.
+        """
         return self.content_sha256[:16]
 
     @property
@@ -129,10 +133,21 @@ def _tensor_bundle(name, source, images, labels, classes, cfg: TrainConfig) -> D
 
 
 def _tensor_digest(images: torch.Tensor, labels: np.ndarray, classes: list[str], image_size: int) -> str:
-    h = hashlib.sha256(f"zar tensors {tuple(images.shape)} {images.dtype}, size {image_size}\n".encode())
-    h.update(images.contiguous().numpy().tobytes())
-    h.update(np.asarray(labels, dtype=np.int64).tobytes())
-    h.update("\0".join(classes).encode())
+    """content_digest of in-memory images: each image's bytes stand for a file's."""
+    rows = images.contiguous().numpy().reshape(len(images), -1)
+    samples = [(int(label), hashlib.sha256(row.tobytes()).hexdigest()) for label, row in zip(labels, rows)]
+    return content_digest(f"zar tensors {tuple(images.shape[1:])} {images.dtype}, size {image_size}", classes, samples)
+
+
+def content_digest(header: str, classes: list[str], samples: Iterable[tuple[int, str]]) -> str:
+    """sha256 hex of the samples, (label, sha256 of the sample's bytes), as a sorted list; the classes; ``header``.
+
+    Sorted: a sample's name and place do not count, only what it holds and which class it is in.
+    """
+    h = hashlib.sha256(f"{header}\n".encode())
+    h.update("\0".join(classes).encode() + b"\n")
+    for label, sha256 in sorted(samples):
+        h.update(f"{label}\t{sha256}\n".encode())
     return h.hexdigest()
 
 
@@ -313,6 +328,7 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
     train_idx, val_idx = _split(labels, cfg)
     ids = [imagecache.printable(files[i][0]) for i in rows]
     names = [imagecache.printable(c) for c in classes]
+    header = f"zar image folder v{imagecache.CACHE_VERSION}, size {cfg.image_size}"
     return DataBundle(
         name=_printable(root.resolve().name),
         source=_printable(root.resolve()),
@@ -324,5 +340,5 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
         train_labels=[int(labels[i]) for i in train_idx],
         val_labels=[int(labels[i]) for i in val_idx],
         skipped=[imagecache.printable(files[i][0]) for i in sorted(cached.bad)],
-        content_sha256=cached.digest,
+        content_sha256=content_digest(header, names, ((files[i][1], cached.sha256[i]) for i in rows)),
     )

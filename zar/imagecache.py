@@ -104,6 +104,7 @@ class CachedFolder:
     bad: dict[int, str]  # rows whose file does not decode -> why (UNREADABLE or a bomb's story)
     hashed: int  # files whose bytes were read to hash them (0 when the stat cache knew all)
     decoded: int  # files decoded (0 on a cache hit)
+    sha256: list[str]  # of each file's bytes, in listing order ("" for a file that cannot be read)
 
 
 def cache_dir() -> Path:
@@ -157,7 +158,7 @@ def _load(
                     ) from None
                 decoded = len(files)
     stat_cache.save(dict(zip(rels, stats)))
-    return CachedFolder(digest, store.pixels, bad, hashed, decoded)
+    return CachedFolder(digest, store.pixels, bad, hashed, decoded, [st.sha256 for st in stats])
 
 
 def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat], image_size: int) -> str:
