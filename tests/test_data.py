@@ -15,14 +15,16 @@ import numpy as np
 import psutil
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from zar import data as data_module
 from zar import imagecache
 from zar.config import TrainConfig
-from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, content_digest, load_data
+from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, content_digest, load_data, resized_mean_std
 
 from helpers import ROOT
 
@@ -445,6 +447,78 @@ def test_tensor_data_fingerprints_cover_every_pixel_label_and_class(monkeypatch)
         fingerprint(lambda images, labels, classes: classes.__setitem__(3, "other")),
     }
     assert base not in fingerprints and len(fingerprints) == 3
+
+
+# --- the digits and the synthetic data: held at 8x8, resized batch by batch ------------------------
+
+
+def originals(data) -> torch.Tensor:
+    """The N x 1 x 8 x 8 images that a built-in bundle holds, in sample-id order."""
+    images = torch.empty(len(data.train) + len(data.val), 1, 8, 8)
+    for dataset, ids in ((data.train, data.train_ids), (data.val, data.val_ids)):
+        images[[int(i) for i in ids]] = dataset.images
+    return images
+
+
+def resized_up_front(images: torch.Tensor, train_ids: list[str], size: int) -> torch.Tensor:
+    """What zar's data loading did before: every image resized, then normalised, N x 3 x S x S."""
+    x = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    train_idx = [int(i) for i in train_ids]
+    mean, std = x[train_idx].mean(), x[train_idx].std()
+    return ((x - mean) / std).contiguous()
+
+
+@pytest.mark.parametrize("size", [8, 13, 32, 61])
+@pytest.mark.parametrize("source", ["digits", "synthetic"])
+def test_batches_resized_when_read_equal_the_images_resized_up_front(source, size):
+    data = load_data(TrainConfig(data=source, image_size=size))
+    images = originals(data)
+    if source == "digits":
+        assert torch.equal(images, torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16)
+    old = resized_up_front(images, data.train_ids, size)
+    for dataset, ids, labels in (
+        (data.train, data.train_ids, data.train_labels),
+        (data.val, data.val_ids, data.val_labels),
+    ):
+        expected = old[[int(i) for i in ids]]
+        x, y = everything(dataset)
+        assert type(x) is torch.Tensor and x.shape == (len(ids), 3, size, size) and x.is_contiguous()
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-6)
+        assert y.tolist() == labels
+        torch.testing.assert_close(dataset[5][0], expected[5], rtol=0, atol=1e-6)
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(0)).tolist()
+        for k, (x, _) in enumerate(DataLoader(dataset, batch_size=32, sampler=order)):
+            torch.testing.assert_close(x, expected[order[32 * k : 32 * k + 32]], rtol=0, atol=1e-6)
+
+
+def test_the_normalisation_is_that_of_the_resized_training_images():
+    """resized_mean_std computes, from the 8x8 images, what resizing them all and measuring gives."""
+    images = torch.from_numpy(load_digits().images[:80]).float().unsqueeze(1) / 16
+    for size in (8, 9, 31, 224):
+        x = F.interpolate(images.double(), size=(size, size), mode="bilinear", align_corners=False)
+        x = x.expand(-1, 3, -1, -1)
+        mean, std = resized_mean_std(images, size)
+        assert mean == pytest.approx(x.mean().item(), rel=1e-7) and std == pytest.approx(x.std().item(), rel=1e-7)
+
+
+def tensor_bytes(dataset) -> int:
+    """Bytes of the tensors a dataset holds (also in tuples, as TensorDataset holds them)."""
+    held = [v for v in vars(dataset).values() if isinstance(v, torch.Tensor)]
+    held += [
+        t for v in vars(dataset).values() if isinstance(v, (tuple, list)) for t in v if isinstance(t, torch.Tensor)
+    ]
+    return sum(t.numel() * t.element_size() for t in held)
+
+
+@pytest.mark.parametrize("source", ["digits", "synthetic"])
+def test_a_large_image_size_holds_only_the_small_images(source):
+    data = load_data(TrainConfig(data=source, image_size=224))
+    assert tensor_bytes(data.train) + tensor_bytes(data.val) < 600_000  # the digits: 1,797 x 8 x 8 floats
+    for workers in (0, 2):
+        loader = DataLoader(data.train, batch_size=32, shuffle=True, num_workers=workers)
+        x, y = next(iter(loader))
+        assert x.shape == (32, 3, 224, 224) and x.dtype == torch.float32 and y.shape == (32,)
+        assert torch.equal(x[:, 0], x[:, 2]) and x.isfinite().all()
 
 
 def test_the_benchmark_runs_tiny():

@@ -5,7 +5,9 @@ architecture (stratified, by ``split_seed``), with a fingerprint of the validati
 set so that runs can be proven to share it, and one of the data's content.
 
 An image folder is decoded once into zar.imagecache's memory-mapped cache; training reads
-pixels from there, so no epoch and no later run decodes an image again.
+pixels from there, so no epoch and no later run decodes an image again. The digits and the
+synthetic data are kept at their native 8x8 and resized batch by batch, so that a large
+``image_size`` costs no memory.
 
 Every name that leaves this module (sample ids, class names, messages) is text that can be
 printed: bytes of a file name that are not UTF-8 appear as \\xNN (``imagecache.printable``).
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate_fn_map
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -112,18 +114,15 @@ def _split(labels: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray
 
 def _tensor_bundle(name, source, images, labels, classes, cfg: TrainConfig) -> DataBundle:
     train_idx, val_idx = _split(labels, cfg)
-    x = F.interpolate(images, size=(cfg.image_size, cfg.image_size), mode="bilinear", align_corners=False)
-    x = x.expand(-1, 3, -1, -1)  # the ResNet stem takes RGB
-    mean, std = x[train_idx].mean(), x[train_idx].std()  # from training images only
-    x = ((x - mean) / std).contiguous()
+    mean, std = resized_mean_std(images[train_idx], cfg.image_size)  # from training images only
     y = torch.as_tensor(labels, dtype=torch.long)
     ids = [str(i) for i in range(len(labels))]
     return DataBundle(
         name=name,
         source=source,
         classes=classes,
-        train=TensorDataset(x[train_idx], y[train_idx]),
-        val=TensorDataset(x[val_idx], y[val_idx]),
+        train=SmallImages(images[train_idx], y[train_idx], cfg.image_size, mean, std),
+        val=SmallImages(images[val_idx], y[val_idx], cfg.image_size, mean, std),
         train_ids=[ids[i] for i in train_idx],
         val_ids=[ids[i] for i in val_idx],
         train_labels=[int(labels[i]) for i in train_idx],
@@ -149,6 +148,60 @@ def content_digest(header: str, classes: list[str], samples: Iterable[tuple[int,
     for label, sha256 in sorted(samples):
         h.update(f"{label}\t{sha256}\n".encode())
     return h.hexdigest()
+
+
+class SmallImages(Dataset):
+    """Small images (N x 1 x h x w floats) served resized to S x S, normalised and as 3 channels.
+
+    Only the originals are held (the 1,797 digits: 460 kB, at any size); each batch is resized
+    when it is read (bilinear, no align_corners), in one go through ``__getitems__`` as
+    CachedImages does: the same pixels as resizing all images up front, which at 224 px took 1 GB.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, size: int, mean: float, std: float):
+        self.images, self.labels, self.size = images.contiguous(), labels, size
+        self.mean, self.std = mean, std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self._batch([i])[0], int(self.labels[i])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        batch = self._batch(indices)
+        return [(_BatchRow.of(batch, k), int(label)) for k, label in enumerate(self.labels[indices])]
+
+    def _batch(self, indices: list[int]) -> torch.Tensor:
+        x = F.interpolate(self.images[indices], size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = x.sub_(self.mean).div_(self.std)
+        return x.expand(-1, 3, -1, -1).contiguous()  # the ResNet stem takes RGB
+
+
+def resized_mean_std(images: torch.Tensor, size: int) -> tuple[float, float]:
+    """Mean and std (with Bessel's correction) of ``images`` (N x 1 x h x w) resized to S x S, as 3 channels.
+
+    Computed exactly (float64, then rounded to float32) without resizing a single image, so a
+    large ``image_size`` costs no memory. Bilinear resizing is linear and separable:
+    an image X (h x w) becomes Y = A X B^T, with A (S x h) and B (S x w) the weights of resizing
+    one column and one row. So sum(Y) = a^T X b with a, b the column sums of A, B, and
+    sum(Y * Y) = trace(Y^T Y) = sum((A^T A) X (B^T B) * X). The three channels are copies: they
+    triple both sums and the count, which changes only Bessel's n - 1.
+    """
+    x = images[:, 0].double()
+    a, b = (_resize_weights(n, size) for n in x.shape[1:])
+    total = torch.einsum("i,nij,j->", a.sum(0), x, b.sum(0)).item()
+    squares = torch.einsum("ik,nkl,lj,nij->", a.T @ a, x, b.T @ b, x).item()
+    n = 3 * len(x) * size * size
+    mean = total / (len(x) * size * size)
+    var = (3 * squares - n * mean * mean) / (n - 1)
+    return float(np.float32(mean)), float(np.float32(np.sqrt(max(var, 0.0))))
+
+
+def _resize_weights(n: int, size: int) -> torch.Tensor:
+    """The S x n matrix that resizes a column of n pixels as F.interpolate's bilinear mode does."""
+    eye = torch.eye(n, dtype=torch.float64).reshape(n, 1, n, 1)  # one image per input pixel
+    return F.interpolate(eye, size=(size, 1), mode="bilinear", align_corners=False)[:, 0, :, 0].T
 
 
 class CachedImages(Dataset):
