@@ -26,11 +26,11 @@ test-all: install
 	$(BIN)/python -m pytest -m ''
 
 lint: install
-	$(BIN)/ruff check zar tests benchmarks
-	$(BIN)/ruff format --check zar tests benchmarks
+	$(BIN)/ruff check zar tests benchmarks scripts
+	$(BIN)/ruff format --check zar tests benchmarks scripts
 
 format: install
-	$(BIN)/ruff format zar tests benchmarks
+	$(BIN)/ruff format zar tests benchmarks scripts
 
 # Two children at a time, one thread each: on 2 cores that beats one two-thread process.
 demo: install

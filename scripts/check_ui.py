@@ -20,10 +20,9 @@ land in the folder given on the command line.
 
     .venv/bin/python scripts/check_ui.py ui-check     # then look at ui-check/*.png
 
-``--shared-view`` also opens the runs table through a view saved as an experiment tag
-(``share_view``), with the study's metrics and params as columns: what ``runs_url`` could link
-to. When ``runs_url``'s table link names such a view itself (``viewStateShareKey``), the check
-of that link asks for those columns too.
+zar saves a runs-table view as an experiment tag (``zar.tracking.share_study_view``) and its
+table link names it (``viewStateShareKey``): the check of that link asks for the study's
+columns (val_acc, best_val_acc, model, seed) too.
 
 Exit status 0 when zar's links pass and the controls fail, 1 otherwise, 2 without Chromium.
 ``tests/test_ui.py`` runs the same checks under pytest (``make test-slow``).
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -60,7 +58,7 @@ WINDOW = (1600, 1200)
 GENAI_ONLY_LINKS = ("/evaluation-runs", "/chat-sessions", "/judges")
 ML_REGISTRY_LINK = "#/models"
 # The columns a study is read by; MLflow's runs table names its columns by these keys (col-id).
-STUDY_COLUMNS = ("metrics.`val_acc`", "metrics.`best_val_acc`", "params.`model`", "params.`seed`")
+STUDY_COLUMNS = ("metrics.`val_acc`", "metrics.`best_val_acc`", "params.`model`", "params.`seed`")  # zar.tracking's
 # ?viewStateShareKey=KEY opens the runs table as the experiment tag mlflow.sharedViewState.KEY saved it.
 SHARE_PARAM = "viewStateShareKey"
 SHARE_TAG_PREFIX = "mlflow.sharedViewState."
@@ -120,6 +118,7 @@ def _make_study(client, tracking) -> Study:
     from mlflow.entities import Metric, Param
 
     experiment_id = client.create_experiment(tracking.DEFAULT_EXPERIMENT)
+    tracking.share_study_view(experiment_id)  # as zar does for every experiment it starts runs in
     name = "study-2x1"
     parent = client.create_run(experiment_id, run_name=name, tags={tracking.TAG_STUDY: "1"})
     study = Study(experiment_id, Run(parent.info.run_id, name), [])
@@ -140,54 +139,6 @@ def _make_study(client, tracking) -> Study:
         study.children.append(Run(run_id, name, study.parent.run_id, last, params))
     client.set_terminated(study.parent.run_id, tracking.FINISHED)
     return study
-
-
-def study_view(columns: tuple[str, ...] = STUDY_COLUMNS) -> dict:
-    """A whole runs-table view: ``columns`` shown, best ``val_acc`` first (sorting flattens the runs
-    out of their study), every other setting at MLflow's default.
-
-    Whole, because MLflow 3.1-3.14 replace their table settings with the saved ones (a partial
-    view breaks the page there); 3.15+ fill what is missing from their defaults.
-    """
-    return {
-        "selectedColumns": list(columns),
-        "columnOrder": [],
-        "columnWidths": {},
-        "runsExpanded": {},
-        "runsPinned": [],
-        "runsHidden": [],
-        "runsVisibilityMap": {},
-        "runsHiddenMode": "FIRST_10_RUNS",
-        "viewMaximized": False,
-        "runListHidden": False,
-        "isAccordionReordered": False,
-        "useGroupedValuesInCharts": True,
-        "hideEmptyCharts": True,
-        "groupBy": None,
-        "groupsExpanded": {},
-        "autoRefreshEnabled": True,
-        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
-        "searchFilter": "",
-        "orderByKey": columns[0],
-        "orderByAsc": False,
-        "startTime": "ALL",
-        "lifecycleFilter": "Active",
-        "modelVersionFilter": "All Runs",
-        "datasetsFilter": [],
-    }
-
-
-def share_view(tracking_uri: str, experiment_id: str, key: str, state: dict, name: str = "zar") -> None:
-    """Save a runs-table view as an experiment tag that ``?viewStateShareKey=<key>`` opens.
-
-    The value is MLflow 3.15+'s saved-view envelope (``name``, ``createdAt``, ``state``: the view
-    as a JSON string), listed by that name under the table's "Views"; the view's own keys sit
-    beside it for MLflow 3.1-3.14, which read them from the top level and ignore the rest.
-    """
-    from mlflow.tracking import MlflowClient
-
-    value = {"name": name, "createdAt": int(time.time() * 1000), "state": json.dumps(state), **state}
-    MlflowClient(tracking_uri).set_experiment_tag(experiment_id, SHARE_TAG_PREFIX + key, json.dumps(value))
 
 
 # --- mlflow server ---------------------------------------------------------------------------------
@@ -493,10 +444,6 @@ def without_workflow(url: str) -> str:
     return _with_query(url, lambda params: [(k, v) for k, v in params if k != "workflowType"])
 
 
-def with_shared_view(url: str, key: str) -> str:
-    return _with_query(url, lambda params: [*((k, v) for k, v in params if k != SHARE_PARAM), (SHARE_PARAM, key)])
-
-
 @dataclass
 class Check:
     """One page to load, and what must be true of it."""
@@ -553,11 +500,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=int, default=BUDGET_MS, help="virtual ms each page gets to render")
     parser.add_argument("--port", type=int, help="mlflow server's port (default: a free one)")
     parser.add_argument("--jobs", type=int, default=3, help="pages loaded at once")
-    parser.add_argument(
-        "--shared-view",
-        action="store_true",
-        help="also load the runs table through a view saved as an experiment tag (study columns shown)",
-    )
     args = parser.parse_args(argv)
     chromium = find_chromium()
     if chromium is None:
@@ -570,10 +512,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = address  # runs_url builds its links on the server's address
         study = make_study(address)
         checks = zar_checks(study)
-        if args.shared_view:
-            share_view(address, study.experiment_id, "zar-check", study_view(), name="zar: study columns")
-            url = with_shared_view(checks[0].url, "zar-check")
-            checks.append(Check("shared-view", url, lambda p: runs_table_problems(p, study, STUDY_COLUMNS)))
         results = run_checks(checks, chromium, args.folder, args.budget, args.jobs)
         shutil.copy(Path(tmp) / "server.log", args.folder / "server.log")
     failed = False

@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from zar.config import FIELD_TYPES
-from zar.tracking import checkpoint_path
+from zar.tracking import STUDY_COLUMNS, checkpoint_path, runs_url
 
 from helpers import ROOT, TINY, all_runs, zar_subprocess
 
@@ -125,6 +125,10 @@ def test_train_logs_everything_the_contract_names(store, zar):
     assert run.data.params["dataset"] == "synthetic"
     link = f"/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
     assert link in result.output
+    # The experiment's runs-table link opens the view zar saved: the study's columns shown.
+    view = MlflowClient().get_experiment(run.info.experiment_id).tags["mlflow.sharedViewState.zar"]
+    assert json.loads(json.loads(view)["state"])["selectedColumns"] == list(STUDY_COLUMNS)
+    assert runs_url(run.info.experiment_id).endswith("?workflowType=machine_learning&viewStateShareKey=zar")
 
 
 def test_split_is_the_same_for_every_architecture(store, zar):

@@ -40,9 +40,14 @@ def start(experiment: str, run_name: str, parent_run_id: str | None = None, syst
         experiment_id = tracking.get_experiment_id(experiment)
     # The process tags come with the run itself: a run whose process dies before ``closing``
     # takes charge of it is still found by ``zar runs --stale``.
-    return tracking.start_run(
+    run = tracking.start_run(
         experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags(), system_metrics=system_metrics
     )
+    if (
+        not nested
+    ):  # the experiment's runs-table link opens with zar's columns (a study's parent did it for its children)
+        tracking.share_study_view(run.info.experiment_id)
+    return run
 
 
 def reopen(run_id: str, system_metrics: bool = False):

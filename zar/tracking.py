@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import sqlite3
@@ -263,13 +264,73 @@ def checkpoint_path(run) -> Path:
 
 
 def runs_url(experiment_id: str, run_id: str | None = None) -> str:
-    """Where to look in the MLflow UI: its training-runs table, not the GenAI view it opens on."""
+    """Where to look in the MLflow UI: its training-runs table (with zar's columns, once
+    ``share_study_view`` saved them), or one run's page, not the GenAI view the UI opens on."""
     uri = tracking_uri()
     base = without_credentials(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
     view = "?workflowType=machine_learning"  # without it a run's page shows the GenAI side bar
     if run_id:
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{view}"
-    return f"{base}/#/experiments/{experiment_id}/runs{view}"
+    # Any other table setting in the link (a filter, a sort) would make the UI ignore the saved view.
+    return f"{base}/#/experiments/{experiment_id}/runs{view}&viewStateShareKey={STUDY_VIEW_KEY}"
+
+
+# The runs table hides every metric and param column until a user adds them. MLflow's UI opens a
+# view saved as the experiment tag mlflow.sharedViewState.<key> when its link names the key
+# (mlflow/server/js/src/.../useSharedExperimentViewState.ts); columns are "metrics.`key`".
+STUDY_VIEW_KEY = "zar"
+STUDY_COLUMNS = ("metrics.`val_acc`", "metrics.`best_val_acc`", "params.`model`", "params.`seed`")
+
+
+def study_view() -> dict:
+    """The runs table as a study is read: zar's columns, best ``val_acc`` first (sorting lists a
+    study's children as rows of their own), every other setting at MLflow's default.
+
+    Whole, because MLflow 3.1-3.14 replace their table settings with the saved ones (a partial
+    view breaks the page there); 3.15+ fill what is missing from their defaults.
+    """
+    return {
+        "selectedColumns": list(STUDY_COLUMNS),
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsExpanded": {},
+        "runsPinned": [],
+        "runsHidden": [],
+        "runsVisibilityMap": {},
+        "runsHiddenMode": "FIRST_10_RUNS",
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": False,
+        "useGroupedValuesInCharts": True,
+        "hideEmptyCharts": True,
+        "groupBy": None,
+        "groupsExpanded": {},
+        "autoRefreshEnabled": True,
+        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
+        "searchFilter": "",
+        "orderByKey": STUDY_COLUMNS[0],
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+    }
+
+
+@_retry_locked
+def share_study_view(experiment_id: str) -> None:
+    """Save ``study_view`` as the experiment's shared view ``zar`` (once), which ``runs_url`` opens.
+
+    The value is MLflow 3.15+'s saved-view envelope (``name``, ``createdAt``, ``state``: the view
+    as a JSON string), listed under the table's "Views"; the view's own keys sit beside it for
+    MLflow 3.1-3.14, which read them from the top level.
+    """
+    key = f"mlflow.sharedViewState.{STUDY_VIEW_KEY}"
+    if key in client().get_experiment(experiment_id).tags:
+        return
+    view = study_view()
+    value = {"name": "zar: study columns", "createdAt": int(time.time() * 1000), "state": json.dumps(view), **view}
+    client().set_experiment_tag(experiment_id, key, json.dumps(value))
 
 
 # --- reading runs back ---------------------------------------------------------------------------
