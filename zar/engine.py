@@ -243,12 +243,14 @@ class Trainer:
     def summary(self) -> dict[str, float]:
         """The best epoch (chosen on the validation set, so its val_acc is optimistic) and its numbers."""
         best = self.history[self.best_epoch - 1] if self.best_epoch else None
-        return {
+        summary = {
             "best_val_acc": self.best_val_acc,
             "best_epoch": self.best_epoch,
             "train_acc_at_best": best.train_acc if best else 0.0,
-            "train_eval_acc_at_best": best.train_eval_acc if best else math.nan,
         }
+        if best and not math.isnan(best.train_eval_acc):  # measured only with a train_eval_set
+            summary["train_eval_acc_at_best"] = best.train_eval_acc
+        return summary
 
     def state_dict(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}
