@@ -49,6 +49,7 @@ TAG_STUDY = "zar.study"
 TAG_DEVICE = "zar.device"
 TAG_DIVERGED = "zar.diverged_at"
 TAG_COMPARE = "zar.compare"
+TAG_BENCH = "zar.bench"  # "1" on a zar bench run: measurements of an architecture, never a training run
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PARENT = "mlflow.parentRunId"
 FINISHED, FAILED, KILLED, RUNNING = (
