@@ -409,3 +409,27 @@ def test_credentials_in_the_tracking_uri_go_as_basic_auth_and_never_show(tmp_pat
     dead = f"http://alice:s3cret@127.0.0.1:{closed_port()}"
     proc = zar_subprocess("runs", env={"MLFLOW_TRACKING_URI": dead}, cwd=tmp_path)
     assert proc.returncode == 2 and "alice:***@" in proc.stderr and "s3cret" not in proc.stderr
+
+
+def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, monkeypatch):
+    """The order that leaves the previous checkpoint whole if power fails at any point."""
+    from zar import train as training
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "folder" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", Path(dst).name))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = tmp_path / "checkpoints" / "last.pt"
+    training.save_checkpoint(path, {"epoch": 1})
+    assert events == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "folder")]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
