@@ -38,7 +38,7 @@ def test_state_dict_round_trip_continues_as_an_uninterrupted_run():
     (second,) = list(resumed.epochs())
 
     assert resumed.epoch == 2 and [r.epoch for r in resumed.history] == [1, 2]
-    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
         assert getattr(second, key) == getattr(expected[1], key), key
     for name, value in uninterrupted.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name

@@ -21,6 +21,8 @@ from .variants import DEPTHS
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.engine)
+SCHEDULERS = ("none", "cosine", "onecycle")  # of the learning rate, stepped per batch (zar.engine)
+AUGMENTS = ("none", "flip", "randaugment")  # of each training image (zar.engine)
 MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
 SCALARS = (str, int, float, bool)
 
@@ -56,6 +58,31 @@ class TrainConfig:
         "fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)", PRECISIONS
     )
     skip_bad_images: bool = key(False, "leave unreadable images out (listed in skipped_images.txt) instead of stopping")
+    # Options for longer runs; each default is the study's (all off), which trains exactly as before they existed.
+    scheduler: str = key(
+        "none",
+        "learning-rate schedule, stepped after every batch: none (constant lr), cosine (linear warmup over "
+        "warmup_epochs from lr/100, then cosine decay to 0 at the last batch) or onecycle (torch's OneCycleLR "
+        "peaking at lr, pct_start = warmup_epochs / epochs); metric 'lr' is each epoch's last batch's",
+        SCHEDULERS,
+    )
+    warmup_epochs: int = key(0, "epochs of linear lr warmup (cosine) or of rise (onecycle); 0 with scheduler none")
+    early_stop_patience: int = key(
+        0,
+        "stop once val_acc has not risen above its best for this many epochs (0: off); "
+        "metric 'stopped_epoch' is then the last epoch trained",
+    )
+    label_smoothing: float = key(
+        0.0, "label smoothing of the training loss, in [0, 1); val_loss and train_eval_loss stay plain cross entropy"
+    )
+    augment: str = key(
+        "none",
+        "augmentation of each training image: none, flip (horizontal, half the images; wrong for digits and "
+        "text) or randaugment (torchvision RandAugment, 2 ops of magnitude 9 per image)",
+        AUGMENTS,
+    )
+    mixup: float = key(0.0, "MixUp alpha for training batches (0: off; with cutmix, one of the two per batch)")
+    cutmix: float = key(0.0, "CutMix alpha for training batches (0: off; with mixup, one of the two per batch)")
 
     def __post_init__(self):
         for f in fields(self):
@@ -79,6 +106,18 @@ class TrainConfig:
             ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
+            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"must be >= 0 and below epochs ({self.epochs})"),
+            (
+                "warmup_epochs",
+                self.warmup_epochs == 0 or self.scheduler != "none",
+                "must be 0 with scheduler 'none' (warmup is part of cosine and onecycle)",
+            ),
+            ("early_stop_patience", self.early_stop_patience >= 0, "must be >= 0 (0: off)"),
+            ("label_smoothing", 0 <= self.label_smoothing < 1, "must be >= 0 and below 1"),
+            ("augment", self.augment in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
+            ("mixup", 0 <= self.mixup < math.inf, "must be >= 0 and finite (0: off)"),
+            ("cutmix", 0 <= self.cutmix < math.inf, "must be >= 0 and finite (0: off)"),
         ]
         for key, ok, rule in checks:
             if not ok:

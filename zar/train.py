@@ -96,7 +96,16 @@ def _build_trainer(job: Job, progress: bool) -> Trainer:
     model = build_model(job.model_name, job.cfg.depth, len(data.classes), job.cfg.se_reduction)
     size = min(len(data.val), TRAIN_EVAL_MAX)
     train_eval = Subset(data.train, train_eval_indices(data.train_labels, size, job.cfg.split_seed))
-    return Trainer(model, data.train, data.val, job.cfg, job.device, progress, train_eval_set=train_eval)
+    return Trainer(
+        model,
+        data.train,
+        data.val,
+        job.cfg,
+        job.device,
+        progress,
+        train_eval_set=train_eval,
+        num_classes=len(data.classes),
+    )
 
 
 def train_eval_indices(labels: list[int], size: int, seed: int) -> list[int]:
@@ -255,6 +264,7 @@ def _fit(job: Job) -> TrainingResult:
                 f"epoch {r.epoch:>3}/{cfg.epochs}  train_loss {r.train_loss:.4f}  "
                 f"train_acc {100 * r.train_acc:6.2f}% (eval mode {100 * r.train_eval_acc:6.2f}%)  "
                 f"val_loss {r.val_loss:.4f}  val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)"
+                + (f"  lr {r.lr:.3g}" if cfg.scheduler != "none" else "")
             )
     except Diverged as e:
         kept = (
@@ -268,6 +278,11 @@ def _fit(job: Job) -> TrainingResult:
             tags={tracking.TAG_DIVERGED: f"epoch {e.epoch}, step {e.step}"},
         ) from None
     summary = trainer.summary()
+    if trainer.stopped_early:
+        echo(
+            f"{job.display}: stopped early after epoch {trainer.epoch} of {cfg.epochs}: val_acc has not risen "
+            f"above its best (epoch {trainer.best_epoch}) for {cfg.early_stop_patience} epochs"
+        )
     tracking.log_metrics(job.run_id, summary)
     log_results(job)
     with contextlib.suppress(OSError):  # the logged model supersedes the checkpoint
