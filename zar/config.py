@@ -107,12 +107,12 @@ class TrainConfig:
             ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
             ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
             ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
-            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"must be >= 0 and below epochs ({self.epochs})"),
             (
                 "warmup_epochs",
                 self.warmup_epochs == 0 or self.scheduler != "none",
                 "must be 0 with scheduler 'none' (warmup is part of cosine and onecycle)",
             ),
+            ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"must be >= 0 and below epochs ({self.epochs})"),
             ("early_stop_patience", self.early_stop_patience >= 0, "must be >= 0 (0: off)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be >= 0 and below 1"),
             ("augment", self.augment in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
