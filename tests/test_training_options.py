@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from zar import engine
 from zar import train as training
-from zar.config import ConfigError, TrainConfig
+from zar.config import ConfigError, TrainConfig, load_config
 from zar.data import IMAGENET_MEAN, IMAGENET_STD, load_data
 from zar.engine import (
     Augment,
@@ -35,6 +36,7 @@ from zar.models import build_model
 
 from helpers import TINY, all_runs, epochs, runs_of
 
+ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu")
 NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -339,6 +341,17 @@ def test_state_dict_round_trip_with_every_option_continues_as_an_uninterrupted_r
 
 
 # --- configuration and the command line ------------------------------------------------------------------
+
+
+def test_recommended_params_file_is_the_study_with_a_schedule_and_label_smoothing():
+    cfg = load_config(ROOT / "params" / "recommended.yaml")
+    study = TrainConfig()
+    for key in ("lr", "batch_size", "optimizer", "weight_decay", "seed", "split_seed", "val_ratio", "image_size"):
+        assert getattr(cfg, key) == getattr(study, key), key
+    assert (cfg.data, cfg.depth, cfg.precision) == ("digits", 34, "fp32")
+    assert cfg.scheduler == "cosine" and 1 <= cfg.warmup_epochs <= 2 and cfg.label_smoothing == 0.1
+    assert cfg.augment == "none"  # a mirrored digit is no digit
+    assert 15 <= cfg.epochs <= 20
 
 
 @pytest.mark.parametrize(
