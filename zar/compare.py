@@ -1,9 +1,11 @@
 """The study's table from MLflow runs: fetch (one paged search), then pure functions.
 
-``fetch_runs`` asks MLflow; ``build_table`` turns per-run numbers into rows, one per
-architecture and settings (mean, std, count, difference to the baseline of the same settings
-with a Welch 95% CI and a Holm-adjusted Welch t-test); ``render`` writes the table as
-Markdown, CSV, JSON or LaTeX, with the notes that say how to read it.
+``fetch_runs`` asks MLflow for training runs, ``fetch_bench`` for ``zar bench`` runs;
+``build_table`` turns per-run numbers into rows, one per architecture and settings (mean, std,
+count, difference to the baseline of the same settings with a Welch 95% CI and a Holm-adjusted
+Welch t-test), split further by any ``group_by`` param (an ablation's varied keys) and, when
+given bench runs, joined to each row's latency, FLOPs and memory; ``render`` writes the table
+as Markdown, CSV, JSON or LaTeX, with the notes that say how to read it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from . import runs, tracking
 from .config import FIELD_TYPES
 from .errors import ZarError
 from .variants import VARIANTS
+
+DEFAULT_BASELINE = "resnet"
 
 FORMATS = ("markdown", "csv", "json", "latex")
 EXTENSIONS = {"markdown": "md", "csv": "csv", "json": "json", "latex": "tex"}
@@ -87,6 +91,12 @@ def columns(select: str = "last") -> list[str]:
 
 
 COLUMNS = columns("last")
+# With --with-bench: the matched zar bench run's numbers, after the accuracy columns.
+BENCH_COLUMNS = [
+    "Latency, batch 1, median (ms)",
+    "MFLOPs/image, forward (conv+linear, 2 per MAC)",
+    "Peak memory (MB)",
+]
 
 
 @dataclass
@@ -103,6 +113,8 @@ class RunRow:
     hparams: dict[str, str] = field(default_factory=dict)  # GUARDED key -> canonical value
     seed: str = ""
     select: str = "last"  # which epoch's numbers: the last, or the best on the validation set
+    device: str = ""  # where it trained (zar.device): "cpu", "cuda"
+    all_params: dict[str, str] = field(default_factory=dict)  # every param as logged, for --group-by
 
 
 @dataclass
@@ -131,6 +143,8 @@ class TableRow:
     val_metric: str = "val_acc"
     comparisons: int = 0  # how many p-values the Holm adjustment covers
     note: str = ""  # why a number is missing
+    group: dict[str, str] = field(default_factory=dict)  # --group-by key -> this row's value
+    bench: dict | None = None  # with --with-bench: the matching bench run's numbers (None: none matched)
 
     @property
     def train_acc_mean(self) -> float | None:
@@ -139,12 +153,39 @@ class TableRow:
 
 
 class Table(list):
-    """The rows, and the notes to print under them (a list of TableRow, as before)."""
+    """The rows, and the notes to print under them (a list of TableRow, as before).
 
-    def __init__(self, rows=(), select: str = "last", notes: list[str] | None = None):
+    ``compared``: whether rows are compared to a baseline at all (False: an ablation without the
+    baseline architecture); ``with_bench``: whether the bench columns are shown.
+    """
+
+    def __init__(
+        self,
+        rows=(),
+        select: str = "last",
+        notes: list[str] | None = None,
+        compared: bool = True,
+        with_bench: bool = False,
+    ):
         super().__init__(rows)
         self.select = select
         self.notes = notes or []
+        self.compared = compared
+        self.with_bench = with_bench
+
+
+@dataclass
+class BenchRun:
+    """One ``zar bench`` run: what it measured, at which settings."""
+
+    run_id: str
+    model: str
+    depth: int
+    image_size: str
+    device: str
+    se_reduction: str
+    start_time: int  # ms since the epoch: the most recent match wins
+    metrics: dict[str, float]
 
 
 @dataclass
@@ -170,14 +211,20 @@ def fetch_runs(
         clauses.append(filter_string)
     rows, left_out = [], Counter()
     for run in tracking.search_runs(experiment_id, " and ".join(clauses), user_filter=filter_string):
-        if tracking.TAG_MODEL not in run.data.tags:
-            continue  # a study parent or a run of another tool
+        if tracking.TAG_MODEL not in run.data.tags or tracking.TAG_BENCH in run.data.tags:
+            continue  # a study parent, a zar bench run, or a run of another tool
         row = run_row(run, select, include_unfinished)
         if isinstance(row, RunRow):
             rows.append(row)
         else:
             left_out[row] += 1
     return Fetched(rows, left_out)
+
+
+def study_vary_keys(parent: str) -> list[str]:
+    """The keys a study run varied (its ``vary`` param, e.g. 'se_reduction=2,4;lr=0.1,0.01'), to group its table by."""
+    spec = tracking.get_run(parent).data.params.get("vary", "")
+    return [part.partition("=")[0].strip() for part in spec.split(";") if "=" in part]
 
 
 def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunRow | str:
@@ -218,7 +265,35 @@ def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunR
         hparams,
         params.get("seed", ""),
         select,
+        _device_type(tags.get(tracking.TAG_DEVICE, "")),
+        dict(params),
     )
+
+
+def _device_type(device: str) -> str:
+    return device.split(":")[0]
+
+
+def fetch_bench(experiment: str) -> list[BenchRun]:
+    """The experiment's finished ``zar bench`` runs (one per architecture and settings measured)."""
+    tracking.check_reachable(create=False)
+    experiment_id = tracking.get_experiment_id(experiment, create=False)
+    found = tracking.search_runs(
+        experiment_id, f"tags.`{tracking.TAG_BENCH}` = '1' and attributes.status = '{tracking.FINISHED}'"
+    )
+    return [
+        BenchRun(
+            run.info.run_id,
+            run.data.tags.get(tracking.TAG_MODEL, ""),
+            int(run.data.params.get("depth", 0) or 0),
+            run.data.params.get("image_size", ""),
+            _device_type(run.data.params.get("device", "")),
+            run.data.params.get("se_reduction", ""),
+            run.info.start_time or 0,
+            dict(run.data.metrics),
+        )
+        for run in found
+    ]
 
 
 def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_string: str | None) -> None:
@@ -232,14 +307,15 @@ def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_s
         )
 
 
-def check_comparable(rows: list[RunRow], strict: bool) -> list[str]:
+def check_comparable(rows: list[RunRow], strict: bool, group_by: list[str] | tuple[str, ...] = ()) -> list[str]:
     """Why the table may mislead, as warnings; with ``strict`` the first reason refuses the table.
 
     Runs that differ in a guarded setting never share a row; without ``strict`` they get rows
-    of their own, named by the settings that differ.
+    of their own, named by the settings that differ. A ``group_by`` key is meant to differ: it
+    is never a reason.
     """
     warnings = []
-    differing = differing_hparams(rows)
+    differing = differing_hparams(rows, group_by)
     if differing:
         detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
         if strict:
@@ -247,7 +323,7 @@ def check_comparable(rows: list[RunRow], strict: bool) -> list[str]:
         warnings.append(
             f"runs differ in more than model and seed: {detail} (split into rows named by {', '.join(differing)})"
         )
-    repeated = repeated_seeds(rows)
+    repeated = repeated_seeds(rows, group_by)
     if repeated:
         message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
         if strict:
@@ -275,27 +351,63 @@ def _canonical(key: str, value: str) -> str:
     return value
 
 
-def differing_hparams(rows: list[RunRow]) -> dict[str, list[str]]:
-    """Hyperparameters that are not the same across all runs: one row must not average them."""
+def differing_hparams(rows: list[RunRow], group_by: list[str] | tuple[str, ...] = ()) -> dict[str, list[str]]:
+    """Hyperparameters that are not the same across all runs: one row must not average them.
+
+    ``group_by`` keys are left out: rows are split by them on purpose, and labelled with them.
+    """
     out = {}
-    for key in GUARDED:
+    for key in (k for k in GUARDED if k not in group_by):
         values = sorted({r.hparams.get(key, "") for r in rows})
         if len(values) > 1:
             out[key] = values
     return out
 
 
-def _settings(r: RunRow) -> tuple[str, ...]:
-    return tuple(r.hparams.get(k, "") for k in GUARDED)
+def _settings(r: RunRow, group_by=()) -> tuple[str, ...]:
+    return tuple(r.hparams.get(k, "") for k in GUARDED if k not in group_by)
 
 
-def _labels(rows: list[RunRow]) -> dict[tuple, str]:
-    """Each row's label: its display name, plus the settings that differ within the table."""
-    differing = list(differing_hparams(rows))
+def param_value(r: RunRow, key: str) -> str:
+    """A run's value of any param, in its canonical spelling ('' when it has none)."""
+    if key in r.hparams:
+        return r.hparams[key]
+    if key == "depth":
+        return str(r.depth)
+    if key == "seed":
+        return r.seed
+    return _canonical(key, r.all_params.get(key, ""))
+
+
+def _group(r: RunRow, group_by) -> tuple[str, ...]:
+    return tuple(param_value(r, k) for k in group_by)
+
+
+def _key(r: RunRow, group_by=()) -> tuple:
+    """What one row of the table holds: one display name, depth, set of settings and group values."""
+    return (r.name, r.depth, _settings(r, group_by), _group(r, group_by))
+
+
+def base_name(name: str, group_by=()) -> str:
+    """The display name, less its SE reduction when the label names se_reduction itself: never twice."""
+    return re.sub(r" \(r=\d+\)$", "", name) if "se_reduction" in group_by else name
+
+
+def run_label(r: RunRow, group_by=()) -> str:
+    """A run's name with its group values, e.g. 'SE-ResNet-34 (se_reduction=4)'."""
+    shown = ", ".join(f"{k}={param_value(r, k) or 'unrecorded'}" for k in group_by)
+    return f"{base_name(r.name, group_by)} ({shown})" if shown else r.name
+
+
+def _labels(rows: list[RunRow], group_by=()) -> dict[tuple, str]:
+    """Each row's label: its display name, plus its group values and the settings that differ within the table."""
+    differing = list(differing_hparams(rows, group_by))
     labels = {}
     for r in rows:
-        shown = ", ".join(f"{k}={r.hparams.get(k, '') or 'unrecorded'}" for k in differing)
-        labels[(r.name, r.depth, _settings(r))] = f"{r.name} ({shown})" if shown else r.name
+        shown = [f"{k}={v or 'unrecorded'}" for k, v in zip(group_by, _group(r, group_by))]
+        shown += [f"{k}={r.hparams.get(k, '') or 'unrecorded'}" for k in differing]
+        name = base_name(r.name, group_by)
+        labels[_key(r, group_by)] = f"{name} ({', '.join(shown)})" if shown else name
     repeated = {label for label, n in Counter(labels.values()).items() if n > 1}  # a name without its depth
     return {
         key: (f"{label[:-1]}, depth={key[1]})" if label.endswith(")") else f"{label} (depth={key[1]})")
@@ -305,11 +417,36 @@ def _labels(rows: list[RunRow]) -> dict[tuple, str]:
     }
 
 
-def repeated_seeds(rows: list[RunRow]) -> list[str]:
+def repeated_seeds(rows: list[RunRow], group_by=()) -> list[str]:
     """Rows holding several runs of one seed: same config, same seed, so not independent samples."""
-    labels = _labels(rows)
-    counts = Counter((labels[(r.name, r.depth, _settings(r))], r.seed) for r in rows if r.seed)
+    labels = _labels(rows, group_by)
+    counts = Counter((labels[_key(r, group_by)], r.seed) for r in rows if r.seed)
     return [f"{label} seed {seed} x{n}" for (label, seed), n in counts.items() if n > 1]
+
+
+def _natural(text: str) -> tuple:
+    """Numbers in text sort as numbers: 'r=4' before 'r=16'."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", text) if t)
+
+
+def _numeric(values: tuple[str, ...]) -> tuple:
+    """Group values in numeric order where they are numbers (lr 1e-05 before 0.001), else as text."""
+    out = []
+    for v in values:
+        try:
+            out.append((0, float(v), ""))
+        except ValueError:
+            out.append((1, 0.0, v))
+    return tuple(out)
+
+
+def check_group_by(rows: list[RunRow], group_by) -> None:
+    """A --group-by key must be a param some run records; 'model' splits rows already."""
+    for key in group_by:
+        if key == "model":
+            raise ZarError("--group-by model: rows are one per architecture already")
+        if not any(param_value(r, key) for r in rows):
+            raise ZarError(f"--group-by {key}: no run in this table records a param {key!r}")
 
 
 def _order(model: str) -> int:
@@ -347,14 +484,27 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted
 
 
-def build_table(rows: list[RunRow], baseline: str = "resnet", select: str | None = None) -> Table:
+def build_table(
+    rows: list[RunRow],
+    baseline: str | None = DEFAULT_BASELINE,
+    select: str | None = None,
+    group_by: list[str] | tuple[str, ...] = (),
+    baseline_value: dict[str, str] | None = None,
+    bench: list[BenchRun] | None = None,
+) -> Table:
     """One row per architecture and settings, in the study's order; accuracies in percent.
 
-    Runs that differ in a guarded setting (GUARDED, depth, the data's fingerprint) are never
-    averaged together, and each row is compared to the baseline's row of the same depth and
-    settings. ``select`` defaults to that of the runs.
+    Runs that differ in a guarded setting (GUARDED, depth, the data's fingerprint) or in a
+    ``group_by`` param are never averaged together; a ``group_by`` key names its rows
+    ("SE-ResNet-34 (se_reduction=4)"), which follow its values in numeric order. Each row is
+    compared to the ``baseline`` architecture's row of the same depth, settings and group values;
+    ``baseline=None`` takes resnet where it has runs, and otherwise compares no row (the column
+    shows '-', and a note says why). ``baseline_value`` ({key: value}, its keys grouped by too)
+    compares each row to the same architecture's row with those values and otherwise the same
+    settings, in place of a baseline architecture. ``bench``: zar bench runs to join to the rows
+    (None: no bench columns). ``select`` defaults to that of the runs.
     """
-    if baseline not in VARIANTS:
+    if baseline is not None and baseline not in VARIANTS:
         raise ZarError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
     if not rows:
         raise ZarError("no runs to compare")
@@ -365,17 +515,33 @@ def build_table(rows: list[RunRow], baseline: str = "resnet", select: str | None
         select = selects.pop()
     if select not in METRICS:
         raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
-    if not any(r.model == baseline for r in rows):
+    baseline_value = {k: _canonical(k, str(v)) for k, v in (baseline_value or {}).items()}
+    group_by = list(dict.fromkeys([*group_by, *baseline_value]))
+    check_group_by(rows, group_by)
+    if baseline_value:
+        baseline = None
+        for key, value in baseline_value.items():
+            present = sorted({param_value(r, key) for r in rows}, key=lambda v: _numeric((v,)))
+            if value not in present:
+                raise ZarError(f"--baseline-value {key}={value}: no run has it; values present: {', '.join(present)}")
+    elif baseline is None:
+        baseline = DEFAULT_BASELINE if any(r.model == DEFAULT_BASELINE for r in rows) else None
+    elif not any(r.model == baseline for r in rows):
         present = ", ".join(dict.fromkeys(r.model for r in rows))
         raise ZarError(f"baseline {baseline!r} has no runs in this table; models present: {present} (pass --baseline)")
-    labels = _labels(rows)
+    labels = _labels(rows, group_by)
     groups: dict[tuple, list[RunRow]] = {}
-    for r in sorted(rows, key=lambda r: (_order(r.model), r.depth, r.name, _settings(r))):
-        groups.setdefault((r.name, r.depth, _settings(r)), []).append(r)
-    bases = {(key[1], key[2]): key for key, g in groups.items() if g[0].model == baseline}
+    for r in sorted(rows, key=lambda r: _sort_key(r, group_by)):
+        groups.setdefault(_key(r, group_by), []).append(r)
+    # Where each row finds the row it is compared to: same depth, settings (and, by value, architecture).
+    bases = {key[1:]: key for key, g in groups.items() if g[0].model == baseline}
+    same_arch = {}
+    for key, g in groups.items():
+        same_arch.setdefault((g[0].model, base_name(key[0], group_by), *key[1:]), key)
     train_metric, val_metric = METRICS[select]
 
-    table = Table(select=select)
+    table = Table(select=select, compared=baseline is not None or bool(baseline_value), with_bench=bench is not None)
+    missing_bench = []
     for key, g in groups.items():
         val = [100 * r.val_acc for r in g]
         vm, vs = _mean_std(val)
@@ -386,14 +552,25 @@ def build_table(rows: list[RunRow], baseline: str = "resnet", select: str | None
             (tm, ts), (gm, gs) = _mean_std(train), _mean_std([t - v for t, v in zip(train, val)])
         else:
             note = f"no {train_metric} in {sum(r.train_eval_acc is None for r in g)} of {len(g)} runs"
-        is_base = g[0].model == baseline
-        base_key = None if is_base else bases.get((key[1], key[2]))
+        if baseline_value:
+            target = tuple(baseline_value.get(k, v) for k, v in zip(group_by, key[3]))
+            base_key = same_arch.get((g[0].model, base_name(key[0], group_by), key[1], key[2], target))
+            is_base = base_key == key
+        else:
+            is_base = baseline is not None and g[0].model == baseline
+            base_key = bases.get(key[1:]) if baseline is not None else None
+        base_key = None if is_base else base_key
         delta = low = high = p = None
         if base_key is not None:
             base_val = [100 * r.val_acc for r in groups[base_key]]
             delta = vm - statistics.fmean(base_val)
             low, high, p = welch(val, base_val)
         params = [r.params_total for r in g if r.params_total is not None]
+        matched = None
+        if bench is not None:
+            matched, why = match_bench(g, bench)
+            if matched is None:
+                missing_bench.append(f"{labels[key]} ({why})")
         table.append(
             TableRow(
                 g[0].model,
@@ -417,20 +594,80 @@ def build_table(rows: list[RunRow], baseline: str = "resnet", select: str | None
                 train_metric,
                 val_metric,
                 note=note,
+                group=dict(zip(group_by, key[3])),
+                bench=_bench_numbers(matched) if matched else None,
             )
         )
     tested = [r for r in table if r.p_value is not None]
     for r, adjusted in zip(tested, holm([r.p_value for r in tested])):
         r.p_adjusted, r.comparisons = adjusted, len(tested)
-    table.notes = _notes(table, differing_hparams(rows), baseline)
+    table.notes = _notes(table, differing_hparams(rows, group_by), baseline, group_by, baseline_value, missing_bench)
     return table
+
+
+def _sort_key(r: RunRow, group_by) -> tuple:
+    """The study's order of architectures, then depth, then group values and SE reduction as numbers, then the rest."""
+    name = base_name(r.name, ["se_reduction"])  # 'SE-ResNet-34 (r=4)' before 'SE-ResNet-34' (r=16)
+    by_number = _numeric((*_group(r, group_by), param_value(r, "se_reduction")))
+    return (_order(r.model), r.depth, _natural(name), by_number, _natural(r.name), _settings(r))
+
+
+# --- the bench join -------------------------------------------------------------------------------------
+
+
+def match_bench(runs_of_row: list[RunRow], bench: list[BenchRun]) -> tuple[BenchRun | None, str]:
+    """The most recent bench run of the row's architecture, depth, image size and device (and SE
+    reduction, for an architecture with SE); else None and the settings no bench run measured."""
+    first = runs_of_row[0]
+    devices = sorted({r.device for r in runs_of_row})
+    image_size = param_value(first, "image_size")
+    variant = VARIANTS.get(first.model)
+    uses_se = variant is None or variant.attn == "se"
+    se_reduction = param_value(first, "se_reduction") if uses_se else None
+    wanted = f"{first.model}, depth {first.depth}, image_size {image_size or 'unrecorded'}"
+    wanted += f", se_reduction {se_reduction or 'unrecorded'}" if uses_se else ""
+    if len(devices) > 1:
+        return None, f"{wanted}: its runs trained on {', '.join(d or 'unrecorded' for d in devices)}"
+    wanted += f", device {devices[0] or 'unrecorded'}"
+    candidates = [
+        b
+        for b in bench
+        if (b.model, b.depth, b.image_size, b.device) == (first.model, first.depth, image_size, devices[0])
+        and (not uses_se or b.se_reduction == se_reduction)
+    ]
+    if not candidates:
+        return None, wanted
+    return max(candidates, key=lambda b: b.start_time), wanted
+
+
+def _bench_numbers(b: BenchRun) -> dict:
+    """What the table shows of a bench run: latency, FLOPs, memory (RSS on CPU, allocated on CUDA)."""
+    memory = b.metrics.get("cuda_peak_mb") if b.device == "cuda" else b.metrics.get("peak_rss_mb")
+    return {
+        "run_id": b.run_id,
+        "device": b.device,
+        "latency_ms_median": b.metrics.get("latency_ms_median"),
+        "latency_ms_p90": b.metrics.get("latency_ms_p90"),
+        "flops_per_image": b.metrics.get("flops_per_image"),
+        "peak_memory_mb": memory,
+    }
+
+
+BENCH_KEYS = ("run_id", "device", "latency_ms_median", "latency_ms_p90", "flops_per_image", "peak_memory_mb")
 
 
 def _names(rows: list[TableRow]) -> str:
     return ", ".join(r.name for r in rows)
 
 
-def _notes(table: Table, differing: dict[str, list[str]], baseline: str) -> list[str]:
+def _notes(
+    table: Table,
+    differing: dict[str, list[str]],
+    baseline: str | None,
+    group_by: list[str] = (),
+    baseline_value: dict[str, str] | None = None,
+    missing_bench: list[str] = (),
+) -> list[str]:
     """What a reader must know to read the numbers: one sentence each."""
     train_metric, val_metric = METRICS[table.select]
     notes = []
@@ -447,10 +684,21 @@ def _notes(table: Table, differing: dict[str, list[str]], baseline: str) -> list
             f"in eval mode); their train-mode train_acc would not compare like with {val_metric}, so the row "
             "shows no train accuracy."
         )
-    if differing:
+    if baseline_value:
+        target = ", ".join(f"{k}={v}" for k, v in baseline_value.items())
+        target = f"the row of the same architecture with {target} and otherwise the same depth and settings"
+    else:
+        target = f"the {baseline} row of the same depth and settings"
+    if group_by or differing:
+        head = f"Rows are split by {', '.join([*group_by, *differing])}" if group_by else "Runs differ in"
+        head = head if group_by else f"{head} {', '.join(differing)}"
+        tail = f", and is compared to {target}" if table.compared else ""
+        notes.append(f"{head}: a row averages only runs with the same settings{tail}.")
+    if not table.compared:
         notes.append(
-            f"Runs differ in {', '.join(differing)}: a row averages only runs with the same settings, "
-            f"and is compared to the {baseline} row of the same depth and settings."
+            f"-: no row is compared to a baseline, as this table has no {DEFAULT_BASELINE} runs; pass --baseline "
+            "MODEL to compare architectures, or --baseline-value KEY=V to compare each architecture with "
+            "itself at KEY=V."
         )
     compared = [r for r in table if r.val_acc_vs_baseline is not None]
     if any(r.ci_low is not None for r in compared):
@@ -467,6 +715,17 @@ def _notes(table: Table, differing: dict[str, list[str]], baseline: str) -> list
     constant = [r for r in compared if r.p_value is None and r not in few and r.ci_low is None]
     if constant:
         notes.append(f"No p-value for {_names(constant)}: neither side's val accuracy varies across its runs.")
+    if table.with_bench:
+        notes.append(
+            "Bench columns: the most recent finished 'zar bench' run of the row's architecture, depth, image size "
+            "and device (and SE reduction); latency is per image at batch 1; FLOPs count convolutions and "
+            "linear layers only (a multiply-add is 2); peak memory is the bench process's RSS high-water mark "
+            "on CPU, torch.cuda.max_memory_allocated on CUDA."
+        )
+    if missing_bench:
+        notes.append(
+            f"n/a (bench): no bench run for {'; '.join(missing_bench)}; 'zar bench' with those settings measures it."
+        )
     return notes
 
 
@@ -485,7 +744,9 @@ def _pm(mean: float | None, std: float | None, pm: str = "±", signed: bool = Fa
     return text if mean is None or std is None else f"{text} {pm} {std:.2f}"
 
 
-def _delta(row: TableRow) -> str:
+def _delta(row: TableRow, compared: bool = True) -> str:
+    if not compared:
+        return "-"
     if row.is_baseline:
         return "baseline"
     if row.val_acc_vs_baseline is None:
@@ -499,16 +760,39 @@ def _delta(row: TableRow) -> str:
     return f"{text} (p<0.001)" if p < 0.001 else f"{text} (p={p:.3f})"
 
 
-def _cells(row: TableRow, pm: str = "±") -> list[str]:
-    return [
+def _cells(row: TableRow, pm: str = "±", compared: bool = True, with_bench: bool = False) -> list[str]:
+    cells = [
         row.name,
         _pm(row.train_eval_acc_mean, row.train_eval_acc_std, pm),
         _pm(row.val_acc_mean, row.val_acc_std, pm),
         _pm(row.gap_mean, row.gap_std, pm, signed=True),
-        _delta(row),
+        _delta(row, compared),
         _num(row.params_m),
         str(row.runs),
     ]
+    if with_bench:
+        b = row.bench or {}
+        cells += [
+            _fmt(b.get("latency_ms_median"), "{:.2f}"),
+            _fmt(b.get("flops_per_image"), "{:,.1f}", 1e-6),
+            _fmt(b.get("peak_memory_mb"), "{:,.0f}"),
+        ]
+    return cells
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "n/a" if value is None or not math.isfinite(value) else spec.format(value * scale)
+
+
+def _csv_record(row: TableRow, with_bench: bool) -> dict:
+    """A row as CSV wants it: one column per group key and, with bench, per bench number."""
+    record = asdict(row)
+    group, bench = record.pop("group"), record.pop("bench")
+    for key, value in group.items():
+        record[f"param.{key}" if key in record else key] = value
+    if with_bench:
+        record.update({f"bench_{k}": (bench or {}).get(k) for k in BENCH_KEYS})
+    return record
 
 
 def _latex(text: str) -> str:
@@ -522,16 +806,18 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
         raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     select = getattr(table, "select", table[0].select if table else "last")
     notes = getattr(table, "notes", [])
-    headers = columns(select)
+    compared, with_bench = getattr(table, "compared", True), getattr(table, "with_bench", False)
+    headers = columns(select) + (BENCH_COLUMNS if with_bench else [])
     if fmt == "markdown":
         lines = ["| " + " | ".join(headers) + " |", "| --- | " + " | ".join([":-:"] * (len(headers) - 1)) + " |"]
-        lines += ["| " + " | ".join(_cells(r)) + " |" for r in table]
+        lines += ["| " + " | ".join(_cells(r, "±", compared, with_bench)) + " |" for r in table]
         return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
     if fmt == "csv":
+        records = [_csv_record(r, with_bench) for r in table]
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(asdict(table[0])), lineterminator="\n")
+        writer = csv.DictWriter(buf, fieldnames=list(records[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(asdict(r) for r in table)
+        writer.writerows(records)
         return buf.getvalue()
     if fmt == "json":
         return json.dumps([asdict(r) for r in table], indent=2) + "\n"
@@ -541,7 +827,7 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
         " & ".join(map(_latex, headers)) + r" \\",
         r"\hline",
     ]
-    lines += [" & ".join(map(_latex, _cells(r))) + r" \\" for r in table]
+    lines += [" & ".join(map(_latex, _cells(r, "±", compared, with_bench))) + r" \\" for r in table]
     lines += [r"\hline", r"\end{tabular}"]
     if notes:  # in a group of its own, so that the small type ends with them
         lines += [r"\par{\footnotesize"] + [_latex(n) + r"\par" for n in notes] + ["}"]
