@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 
 import click
 
+from .ablation import children, parse_vary
 from .checks import check_data_path, check_study, known_model
 from .config import TrainConfig, load_config
 from .errors import ZarException, quote
@@ -21,6 +22,7 @@ from .variants import DEPTHS, VARIANTS
 # costs no wait.
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
+DEFAULT_BASELINE = "resnet"  # zar.compare's, which loads MLflow
 
 
 def config_options(fn):
@@ -208,7 +210,18 @@ def _csv(kind):
     callback=_csv(int),
     help="Comma-separated training seeds; several give mean ± std per architecture.  [default: --seed]",
 )
-@click.option("--baseline", default="resnet", show_default=True, help="Architecture the others are compared to.")
+@click.option(
+    "--baseline",
+    help="Architecture the others are compared to.  [default: resnet when among --models, else none]",
+)
+@click.option(
+    "--vary",
+    "vary_specs",
+    multiple=True,
+    metavar="KEY=V1,V2",
+    help="Ablation: train each model and seed once per value of this config key, e.g. "
+    "--vary se_reduction=2,4,8,16,32; several --vary make a grid. The table gets a row per value.",
+)
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
@@ -220,31 +233,35 @@ def _csv(kind):
 @config_options
 @experiment_option
 @no_progress_option
-def study(models, seeds, baseline, jobs, cfg_loader, experiment, no_progress):
+def study(models, seeds, baseline, vary_specs, jobs, cfg_loader, experiment, no_progress):
     """Run the whole study and print its table.
 
-    Every architecture and seed trains as a child of one parent run, which keeps the table and charts.
+    Every architecture and seed (and, with --vary, every combination of the varied values) trains
+    as a child of one parent run, which keeps the table and charts.
     """
     cfg = cfg_loader()
     seeds = seeds or [cfg.seed]
-    _check_study(models, seeds, baseline, cfg)
+    vary = parse_vary(vary_specs)
+    both = [k for k in vary if k in cfg_loader.given]
+    if both:
+        raise click.UsageError(f"--{both[0].replace('_', '-')} and --vary {both[0]} both set {both[0]}; drop one")
+    _check_study(models, seeds, baseline, cfg, vary)
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from .study import run_study
 
-    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs)
+    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
 
 
-def _check_study(models, seeds, baseline, cfg) -> None:
+def _check_study(models, seeds, baseline, cfg, vary) -> None:
     """What run_study would refuse, in its order, before torch loads (run_study checks again for other callers)."""
     if not models:
         raise click.BadParameter("needs at least one model", param_hint="--models")
-    check_study(models, baseline, seeds)
-    for seed in seeds:
-        cfg.replace(seed=seed)  # a bad seed is a config error
-    check_data_path(cfg.data)
+    check_study(models, baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in models else models[0]), seeds)
+    for data in dict.fromkeys(kid.cfg.data for kid in children(models[:1], seeds, cfg, vary)):  # each config checked
+        check_data_path(data)
 
 
 @cli.command(name="compare")
@@ -253,7 +270,24 @@ def _check_study(models, seeds, baseline, cfg) -> None:
 @click.option(
     "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
 )
-@click.option("--baseline", default="resnet", show_default=True, help="Row the others are compared to.")
+@click.option(
+    "--baseline", help="Architecture the others are compared to.  [default: resnet, where it has runs, else none]"
+)
+@click.option(
+    "--group-by",
+    callback=_csv(str),
+    metavar="KEY[,KEY]",
+    help="Split rows by these params and name them by their values, in numeric order, e.g. "
+    "--group-by se_reduction for an ablation (any param; its differences are then no warning).",
+)
+@click.option(
+    "--baseline-value",
+    "baseline_values",
+    multiple=True,
+    metavar="KEY=V",
+    help="Compare each row to the same architecture with KEY=V (and otherwise the same settings) "
+    "instead of to --baseline, e.g. --baseline-value se_reduction=16; KEY is grouped by.",
+)
 @click.option(
     "--select",
     type=click.Choice(["last", "best"]),
@@ -268,23 +302,47 @@ def _check_study(models, seeds, baseline, cfg) -> None:
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write the table to this file.")
 @click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
-def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output, include_unfinished, strict):
+def compare_cmd(
+    experiment,
+    parent,
+    filter_string,
+    baseline,
+    group_by,
+    baseline_values,
+    select,
+    fmt,
+    output,
+    include_unfinished,
+    strict,
+):
     """Print the study's table from the MLflow runs.
 
     One row per architecture and settings (runs that differ in lr, epochs, data... are never
-    averaged together); several seeds give mean ± std, the difference to the baseline with its
-    95% Welch confidence interval and, from 3 runs a side, a Holm-adjusted Welch t-test p-value.
+    averaged together), and per value of each --group-by param (with --parent, the keys its
+    study varied unless told); several seeds give mean ± std, the difference to the baseline
+    with its 95% Welch confidence interval and, from 3 runs a side, a Holm-adjusted Welch
+    t-test p-value.
     """
     if output and not os.path.isdir(os.path.dirname(output) or "."):  # else the table is made, then lost
         raise click.BadParameter(f"folder {os.path.dirname(output)} does not exist", param_hint="--output")
+    group_by = list(dict.fromkeys(k.replace("-", "_") for k in group_by))
+    baseline_value = _baseline_values(baseline_values)
+    if baseline and baseline_value:
+        raise click.UsageError(
+            "--baseline compares architectures, --baseline-value each architecture with itself; pass one"
+        )
     probe_server()  # before MLflow loads: a dead server is reported in a second
     from . import compare
 
     fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
     compare.require_rows(fetched, experiment, parent, filter_string)
-    for warning in compare.check_comparable(fetched.rows, strict):
+    if parent and not group_by:  # an ablation's table, as the study printed it: a row per varied value
+        group_by = compare.study_vary_keys(parent)
+    grouped = list(dict.fromkeys([*group_by, *baseline_value]))
+    compare.check_group_by(fetched.rows, grouped)
+    for warning in compare.check_comparable(fetched.rows, strict, grouped):
         click.echo(f"Warning: {warning}", err=True)
-    table = compare.build_table(fetched.rows, baseline)
+    table = compare.build_table(fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value)
     text = compare.render(table, fmt)
     usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
     if fmt == "markdown":
@@ -298,6 +356,21 @@ def compare_cmd(experiment, parent, filter_string, baseline, select, fmt, output
     else:
         click.echo(text, nl=False)
     compare.keep_in_env_run(text, fmt)
+
+
+def _baseline_values(specs) -> dict[str, str]:
+    out = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key or not value.strip() or "," in value:
+            raise click.BadParameter(
+                f"expected KEY=VALUE (one value), got {quote(spec)}", param_hint="--baseline-value"
+            )
+        if key in out:
+            raise click.BadParameter(f"{key} is given twice", param_hint="--baseline-value")
+        out[key] = value.strip()
+    return out
 
 
 @cli.command()

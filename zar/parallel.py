@@ -22,7 +22,8 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import runs, tracking
-from .config import TrainConfig, to_yaml
+from .ablation import Child
+from .config import to_yaml
 from .errors import Interrupted
 
 GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
@@ -48,7 +49,7 @@ class Children:
     """The live child processes, so that an interrupt reaches every one of them."""
 
     def __init__(self):
-        self.procs: dict[tuple[str, int], subprocess.Popen] = {}
+        self.procs: dict[int, subprocess.Popen] = {}
         self.lock = threading.Lock()
         self.stopping = False
 
@@ -83,28 +84,29 @@ class Children:
 
 
 def train_children(
-    children: list[tuple[str, int]],
-    configs: dict[int, TrainConfig],
+    children: list[Child],
     parent_run_id: str,
     experiment: str,
     jobs: int,
     echo: Callable[[str], None],
 ) -> list[str]:
-    """Train each (model, seed) as a child process of run ``parent_run_id``; returns the failures."""
+    """Train each child as a process of its own under run ``parent_run_id``; returns the failures.
+
+    A child gets its whole config (the study's, its seed and its varied values) as a params file:
+    ``zar train --params FILE`` reads nothing else.
+    """
     live = Children()
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        params = {}
-        for seed, cfg in configs.items():
-            params[seed] = Path(tmp) / f"seed{seed}.yaml"
-            params[seed].write_text(to_yaml(cfg))
+        params = []
+        for i, child in enumerate(children):
+            params.append(Path(tmp) / f"child{i}.yaml")
+            params[i].write_text(to_yaml(child.cfg))
         pool = ThreadPoolExecutor(max_workers=jobs)
         try:
             futures = {
-                pool.submit(
-                    _run_child, live, i % jobs, jobs, model, seed, params[seed], parent_run_id, experiment, echo
-                ): (model, seed)
-                for i, (model, seed) in enumerate(children)
+                pool.submit(_run_child, live, i, jobs, child, params[i], parent_run_id, experiment, echo)
+                for i, child in enumerate(children)
             }
             pending = set(futures)
             while pending:  # a timed wait, so that Ctrl-C reaches this thread at once
@@ -126,7 +128,7 @@ def train_children(
 
 
 def _run_child(
-    live: Children, slot: int, jobs: int, model: str, seed: int, params: Path, parent_run_id: str, experiment: str, echo
+    live: Children, i: int, jobs: int, child: Child, params: Path, parent_run_id: str, experiment: str, echo
 ) -> str | None:
     cmd = [
         sys.executable,
@@ -134,7 +136,7 @@ def _run_child(
         "zar",
         "train",
         "--model",
-        model,
+        child.model,
         "--params",
         str(params),
         "--experiment",
@@ -143,10 +145,10 @@ def _run_child(
         parent_run_id,
         "--no-progress",
     ]
-    proc = live.start((model, seed), cmd, child_env(slot, jobs))
+    proc = live.start(i, cmd, child_env(i % jobs, jobs))
     if proc is None:
         return None  # the study is stopping: this child never started
-    prefix, last_error = f"[{model} seed {seed}] ", None
+    prefix, last_error = f"[{child.label}] ", None
     for line in proc.stdout:
         line = line.rstrip("\n")
         if line.startswith("Error: "):
@@ -156,8 +158,8 @@ def _run_child(
     if code == 0 or live.stopping:
         return None
     message = last_error or f"process ended with {_describe_exit(code)}"
-    echo(f"{model} seed {seed} failed: {message}")
-    return f"{model} seed {seed}: {message}"
+    echo(f"{child.label} failed: {message}")
+    return f"{child.label}: {message}"
 
 
 def _describe_exit(code: int) -> str:
