@@ -1,7 +1,8 @@
-"""The ``zar`` command line: models, train, study, compare, runs."""
+"""The ``zar`` command line: models, train, study, compare, bench, runs."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -12,7 +13,7 @@ import click
 
 from .ablation import children, parse_vary
 from .checks import check_data_path, check_study, known_model
-from .config import TrainConfig, load_config
+from .config import DEVICES, TrainConfig, load_config
 from .errors import ZarException, quote
 from .store import DEFAULT_EXPERIMENT, probe_server
 from .variants import DEPTHS, VARIANTS
@@ -289,6 +290,12 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
     "instead of to --baseline, e.g. --baseline-value se_reduction=16; KEY is grouped by.",
 )
 @click.option(
+    "--with-bench",
+    is_flag=True,
+    help="Add latency, FLOPs and peak memory from the latest 'zar bench' run of each row's "
+    "architecture, depth, image size and device.",
+)
+@click.option(
     "--select",
     type=click.Choice(["last", "best"]),
     default="last",
@@ -309,6 +316,7 @@ def compare_cmd(
     baseline,
     group_by,
     baseline_values,
+    with_bench,
     select,
     fmt,
     output,
@@ -321,7 +329,7 @@ def compare_cmd(
     averaged together), and per value of each --group-by param (with --parent, the keys its
     study varied unless told); several seeds give mean ± std, the difference to the baseline
     with its 95% Welch confidence interval and, from 3 runs a side, a Holm-adjusted Welch
-    t-test p-value.
+    t-test p-value. 'zar bench' runs are never rows.
     """
     if output and not os.path.isdir(os.path.dirname(output) or "."):  # else the table is made, then lost
         raise click.BadParameter(f"folder {os.path.dirname(output)} does not exist", param_hint="--output")
@@ -342,7 +350,8 @@ def compare_cmd(
     compare.check_group_by(fetched.rows, grouped)
     for warning in compare.check_comparable(fetched.rows, strict, grouped):
         click.echo(f"Warning: {warning}", err=True)
-    table = compare.build_table(fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value)
+    bench = compare.fetch_bench(experiment) if with_bench else None
+    table = compare.build_table(fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench)
     text = compare.render(table, fmt)
     usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
     if fmt == "markdown":
@@ -356,6 +365,127 @@ def compare_cmd(
     else:
         click.echo(text, nl=False)
     compare.keep_in_env_run(text, fmt)
+
+
+@cli.command()
+@click.option(
+    "--models",
+    default=",".join(VARIANTS),
+    show_default=True,
+    callback=_csv(str),
+    help="Comma-separated architectures to measure.",
+)
+@click.option("--depth", type=click.Choice([str(d) for d in DEPTHS]), default=str(DEPTHS[-1]), show_default=True)
+@click.option(
+    "--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Side of the images in pixels."
+)
+@click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option(
+    "--se-reduction",
+    type=click.IntRange(1, 64),
+    default=16,
+    show_default=True,
+    help="SE reduction ratio r (se, se_mish).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where to measure (auto: cuda when there is a GPU).",
+)
+@click.option(
+    "--min-time",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Seconds each of the three timings runs for, after its warm-up.",
+)
+@experiment_option
+def bench(models, depth, image_size, num_classes, se_reduction, device, min_time, experiment):
+    """Measure each architecture: parameters, FLOPs, latency, throughput, training step, peak memory.
+
+    Each architecture is measured in a fresh process (fp32, torch's thread count) and recorded
+    as an MLflow run of its own, tagged zar.bench; 'zar compare --with-bench' joins them to the
+    accuracy table. They are never rows of it.
+    """
+    if not models:
+        raise click.BadParameter("needs at least one model", param_hint="--models")
+    check_study(models, models[0])  # each an architecture, named once
+    probe_server()  # before torch and MLflow load: a dead server is reported in a second
+    from . import bench as measuring
+    from . import tracking
+
+    device = measuring.device_name(device)
+    specs = [
+        measuring.BenchSpec(m, int(depth), image_size, num_classes, se_reduction, device, min_time) for m in models
+    ]
+    tracking.check_reachable()
+    results, failures, experiment_id = _bench_runs(specs, experiment)
+    if results:
+        click.echo("\n" + measuring.render(results), nl=False)
+    if experiment_id:
+        click.echo(f"\nAll runs:  {tracking.runs_url(experiment_id)}  (after 'mlflow ui' in this folder)")
+    if failures:
+        raise measuring.BenchFailed(f"{len(failures)} of {len(specs)} benches failed: " + "; ".join(failures))
+
+
+def _bench_runs(specs, experiment):
+    """Measure and record each spec in a run of its own (under 'mlflow run', as children of its run, which
+    keeps the table); runs.closing ends each FINISHED, or FAILED with the reason."""
+    from . import bench as measuring
+    from . import provenance, runs, tracking
+
+    results, failures, experiment_id = [], [], None
+    parent = runs.start(experiment, "bench") if os.environ.get("MLFLOW_RUN_ID") else None
+    parent_closing = runs.closing(parent.info.run_id, {tracking.TAG_RUN_NAME: "bench"}) if parent else None
+    with parent_closing or contextlib.nullcontext():
+        for spec in specs:
+            name = f"bench-{spec.model}-{spec.depth}-{spec.image_size}px"
+            run = runs.start(experiment, name)
+            run_id, experiment_id = run.info.run_id, run.info.experiment_id
+            tags = {
+                tracking.TAG_BENCH: "1",
+                tracking.TAG_RUN_NAME: name,
+                tracking.TAG_MODEL: spec.model,
+                tracking.TAG_DISPLAY: spec.display_name,
+                tracking.TAG_DEVICE: spec.device,
+                **provenance.code_tags(),
+            }
+            try:
+                with runs.closing(run_id, tags):
+                    tracking.log_params(
+                        run_id,
+                        {
+                            "model": spec.model,
+                            "depth": spec.depth,
+                            "image_size": spec.image_size,
+                            "num_classes": spec.num_classes,
+                            "se_reduction": spec.se_reduction,
+                            "device": spec.device,
+                            "precision": "fp32",
+                            "batch_size_latency": measuring.LATENCY_BATCH,
+                            "batch_size_throughput": measuring.BATCH,
+                            "batch_size_train": measuring.BATCH,
+                            "batch_size_flops": measuring.FLOP_BATCH,
+                            "min_time_s": spec.min_time,
+                        },
+                    )
+                    numbers = measuring.measure_in_subprocess(spec)
+                    tracking.log_params(run_id, {"torch_threads": int(numbers["torch_threads"])})
+                    tracking.log_metrics(run_id, {k: v for k, v in numbers.items() if k != "torch_threads"})
+            except measuring.BenchFailed as e:  # the run is FAILED already; the others are still measured
+                failures.append(str(e))
+                click.echo(f"{spec.display_name}: {e}", err=True)
+                continue
+            results.append((spec, numbers))
+            click.echo(
+                f"{spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1, "
+                f"{numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}; run {run_id}"
+            )
+        if parent and results:
+            tracking.log_text(parent.info.run_id, measuring.render(results), "bench.md")
+    return results, failures, experiment_id
 
 
 def _baseline_values(specs) -> dict[str, str]:
@@ -401,10 +531,11 @@ def runs(experiment, stale, mark_failed):
             alive = run_life.process_alive(tags)
             state += {True: " (process alive)", False: " (process gone)", None: " (other machine)"}[alive]
         val = run.data.metrics.get("val_acc")
+        name = tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-")
         rows.append(
             (
                 run.info.run_id,
-                tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-"),
+                f"{name} (bench)" if tags.get(tracking.TAG_BENCH) else name,
                 state,
                 "-" if val is None else f"{100 * val:.2f}",
             )
