@@ -95,7 +95,7 @@ COLUMNS = columns("last")
 BENCH_COLUMNS = [
     "Latency, batch 1, median (ms)",
     "MFLOPs/image, forward (conv+linear, 2 per MAC)",
-    "Peak memory (MB)",
+    "Peak memory (MiB)",
 ]
 
 
