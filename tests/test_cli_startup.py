@@ -38,7 +38,7 @@ MISTAKES = {
     "study unknown model": (["study", "--models", "resnet,nope"], "unknown model 'nope'"),
     "study no models": (["study", "--models", ","], "needs at least one model"),
     "study bad seeds list": (["study", "--seeds", "1,x"], "expected a comma-separated list of ints"),
-    "study negative seed": (["study", "--seeds", "1,-2"], "config key 'seed' must be >= 0, got -2"),
+    "study negative seed": (["study", "--seeds", "1,-2"], "config key 'seed' must be between 0 and 4294967295, got -2"),
     "study baseline not trained": (
         ["study", "--models", "resnet,se", "--baseline", "plain"],
         "baseline 'plain' is not among --models resnet,se",

@@ -448,3 +448,16 @@ def test_a_non_finite_parameter_count_is_na_not_a_crash(client):
     result = invoke("compare")
     assert result.exit_code == 0, result.output
     assert markdown_rows(result.stdout)[0][-2:] == ["n/a", "1"]
+
+
+def test_a_key_an_older_run_did_not_record_counts_as_its_default(client):
+    """Runs from before `scheduler` existed trained without one: one row with new runs at the default."""
+    exp = new_experiment(client)
+    log_run(client, exp, "resnet", 0.90, train_eval_acc=0.95)
+    log_run(client, exp, "resnet", 0.92, train_eval_acc=0.96, scheduler="none", label_smoothing="0.0")
+    log_run(client, exp, "resnet", 0.50, train_eval_acc=0.55, scheduler="cosine")
+    result = invoke("compare")
+    assert result.exit_code == 0, result.output
+    rows = [r[0] for r in markdown_rows(result.stdout)]
+    assert rows == ["ResNet-34 (scheduler=cosine)", "ResNet-34 (scheduler=none)"]
+    assert "| ResNet-34 (scheduler=none) | 95.50 ± 0.71 | 91.00 ± 1.41 |" in result.stdout

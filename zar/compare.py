@@ -20,12 +20,12 @@ import statistics
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from scipy import stats
 
 from . import runs, tracking
-from .config import FIELD_TYPES
+from .config import FIELD_TYPES, TrainConfig
 from .errors import ZarError
 from .variants import VARIANTS
 
@@ -36,8 +36,10 @@ EXTENSIONS = {"markdown": "md", "csv": "csv", "json": "json", "latex": "tex"}
 SELECT = ("last", "best")
 # The MLflow metrics each --select reads: (train accuracy in eval mode, val accuracy).
 METRICS = {"last": ("train_eval_acc", "val_acc"), "best": ("train_eval_acc_at_best", "best_val_acc")}
-# tracking.TAG_DATA_FINGERPRINT once zar.tracking has it; the literal until then.
-TAG_DATA_FINGERPRINT = getattr(tracking, "TAG_DATA_FINGERPRINT", "zar.data_fingerprint")
+TAG_DATA_FINGERPRINT = tracking.TAG_DATA_FINGERPRINT
+# A config key a run did not record is one added after that run: zar ran it at the key's default,
+# which every new key has kept equal to the behaviour before it (scheduler none, precision fp32...).
+UNRECORDED = {f.name: str(f.default) for f in fields(TrainConfig)}
 # What may differ between runs of one row: the training seed, and what does not change results.
 # Depth and SE reduction are in the architecture's display name, so they split rows too.
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
@@ -249,7 +251,7 @@ def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunR
             return f"non-finite {key}"
         if not 0 <= value <= 1:
             return f"{key} outside [0, 1]"
-    hparams = {k: _canonical(k, params.get(k, "")) for k in GUARDED}
+    hparams = {k: _canonical(k, params.get(k, UNRECORDED.get(k, ""))) for k in GUARDED}
     hparams["split_fingerprint"] = tags.get(tracking.TAG_FINGERPRINT, "")
     hparams["data_fingerprint"] = tags.get(TAG_DATA_FINGERPRINT, "")
     params_total = metrics.get("params_total")
