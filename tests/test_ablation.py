@@ -187,6 +187,7 @@ def test_ablation_study_trains_a_child_per_value_and_seed_and_groups_its_table(s
     assert both.exit_code == 2 and "pass one" in both.stderr
 
 
+@pytest.mark.slow
 def test_ablation_with_jobs_gives_each_child_its_config_through_its_params_file(store):
     result = invoke("study", "--models", "se", "--vary", "se_reduction=2,4", "--jobs", "2", *TINY)
     assert result.exit_code == 0, result.output

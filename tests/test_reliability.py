@@ -298,12 +298,18 @@ def test_resume_reads_only_the_runs_own_checkpoint(store, zar, tmp_path):
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short"])
 def test_an_empty_or_truncated_checkpoint_is_named_in_one_line(store, zar, content):
-    run = stopped_run(zar)
-    ckpt = Path(run.data.tags["zar.checkpoint"])
+    from zar.tracking import checkpoint_path
+
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("zar"))
+    client.set_terminated(run.info.run_id, "KILLED")
+    ckpt = checkpoint_path(client.get_run(run.info.run_id))
+    ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(content)
-    proc = zar_subprocess("train", "--resume", run.info.run_id)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.count("\n") == 1 and f"checkpoint {ckpt} is empty or truncated" in proc.stderr
+    result = zar("train", "--resume", run.info.run_id)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1 and f"checkpoint {ckpt} is empty or truncated" in result.output
+    assert client.get_run(run.info.run_id).info.status == "KILLED"  # refused before anything changed
 
 
 def test_resume_claims_the_run_before_loading_data(store, zar, monkeypatch):

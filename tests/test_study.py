@@ -124,6 +124,7 @@ def study_ids() -> list[str]:
     return [r.info.run_id for r in runs() if r.data.tags.get("zar.study") == "1"]
 
 
+@pytest.mark.slow
 def test_parallel_study_gives_the_sequential_table(store):
     sequential = zar_subprocess("study", "--models", "plain,resnet", "--seeds", "1", *TINY)
     assert sequential.returncode == 0, sequential.stderr
@@ -158,6 +159,7 @@ def ignore_sigint():
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+@pytest.mark.slow
 def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
     proc = start_study("--models", "plain,resnet", "--seeds", "1", "--jobs", "2", *THREE_EPOCHS)
     lines = []
@@ -178,6 +180,7 @@ def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
     assert status["study"].info.status == "FAILED"
 
 
+@pytest.mark.slow
 def test_interrupting_a_parallel_study_leaves_no_run_running(store):
     # Started as a shell starts a background job, with SIGINT ignored: the children inherit that.
     proc = start_study(

@@ -279,6 +279,7 @@ def test_mlflow_run_train_entry_point_makes_one_complete_run(store, tmp_path):
     assert_complete_run(run, "mish", epochs=1, n_val=20)
 
 
+@pytest.mark.slow
 def test_mlflow_run_honours_the_params_file(store, tmp_path):
     """Only what must be is declared in MLproject, so no declared default overrides the file."""
     params = tmp_path / "tiny.yaml"
