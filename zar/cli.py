@@ -198,14 +198,19 @@ def _csv(kind):
     return parse
 
 
+def models_option(verb: str):
+    """``--models``: the architectures to ``verb``, every one by default."""
+    return click.option(
+        "--models",
+        default=",".join(VARIANTS),
+        show_default=True,
+        callback=_csv(str),
+        help=f"Comma-separated architectures to {verb}.",
+    )
+
+
 @cli.command()
-@click.option(
-    "--models",
-    default=",".join(VARIANTS),
-    show_default=True,
-    callback=_csv(str),
-    help="Comma-separated architectures to train.",
-)
+@models_option("train")
 @click.option(
     "--seeds",
     callback=_csv(int),
@@ -368,13 +373,7 @@ def compare_cmd(
 
 
 @cli.command()
-@click.option(
-    "--models",
-    default=",".join(VARIANTS),
-    show_default=True,
-    callback=_csv(str),
-    help="Comma-separated architectures to measure.",
-)
+@models_option("measure")
 @click.option("--depth", type=click.Choice([str(d) for d in DEPTHS]), default=str(DEPTHS[-1]), show_default=True)
 @click.option(
     "--image-size", type=click.IntRange(8, 1024), default=32, show_default=True, help="Side of the images in pixels."
