@@ -43,9 +43,8 @@ def start(experiment: str, run_name: str, parent_run_id: str | None = None, syst
     run = tracking.start_run(
         experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags(), system_metrics=system_metrics
     )
-    if (
-        not nested
-    ):  # the experiment's runs-table link opens with zar's columns (a study's parent did it for its children)
+    # The runs-table link opens with zar's columns (a study's parent saves them for its children).
+    if not nested:
         tracking.share_study_view(run.info.experiment_id)
     return run
 
