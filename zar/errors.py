@@ -59,6 +59,17 @@ class Interrupted(ZarException):
     exit_code = 130
 
 
+class Pruned(ZarException):
+    """A sweep's trial stopped by its pruner after ``epoch``: the run ends KILLED, tagged ``zar.pruned``."""
+
+    exit_code = 1
+
+    def __init__(self, epoch: int, value: float):
+        super().__init__(f"pruned after epoch {epoch}: val_acc {100 * value:.2f}% is below earlier trials' median")
+        self.epoch = epoch
+        self.value = value
+
+
 def describe(error: BaseException) -> str:
     """One line for a study's list of failures or a run's ``zar.error`` tag: the message, or type and message."""
     if isinstance(error, ZarException):

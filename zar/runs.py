@@ -3,8 +3,8 @@
 ``start`` opens a new run, a nested one (a study's child, in this process or another) or adopts
 the run ``mlflow run`` made (``MLFLOW_RUN_ID``); ``reopen`` continues a stopped one. ``closing``
 then guarantees the end: FINISHED on success, FAILED with the reason as the ``zar.error`` tag,
-KILLED on SIGINT, SIGTERM or SIGHUP, so that no run is ever left RUNNING by a process that lived
-to close it. Runs whose process died without closing them are found here too.
+KILLED on SIGINT, SIGTERM or SIGHUP (or when a sweep's pruner stops it), so that no run is ever
+left RUNNING by a process that lived to close it. Runs whose process died without closing them are found here too.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import psutil
 
 from . import tracking
-from .errors import Interrupted, TrainingFailed, describe
+from .errors import Interrupted, Pruned, TrainingFailed, describe
 from .tracking import FAILED, FINISHED, KILLED, RUNNING
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -81,6 +81,11 @@ def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
         _ignore_stop_signals()
         tracking.end_run(run_id, KILLED, str(e))
         raise Interrupted(f"{e}; study run {run_id} marked KILLED") from None
+    except Pruned as e:  # a sweep's pruner stopped it: not a failure, and not to be resumed
+        _ignore_stop_signals()
+        tracking.set_tags(run_id, {tracking.TAG_PRUNED: f"epoch {e.epoch}"})
+        tracking.end_run(run_id, KILLED, str(e))
+        raise
     except TrainingFailed as e:
         if e.tags:
             tracking.set_tags(run_id, e.tags)

@@ -29,7 +29,7 @@ from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
-from .errors import TrainingFailed, ZarError, clip
+from .errors import Pruned, TrainingFailed, ZarError, clip
 from .models import build_model, count_params
 from .tracking import FINISHED, RUNNING
 
@@ -62,6 +62,7 @@ class Job:
     device: torch.device
     data: DataBundle
     echo: Callable[[str], None]
+    on_epoch: Callable[[EpochResult], None] | None = None  # after each epoch is logged (a sweep's pruner)
     run: object = None  # the MLflow run, once started
     ckpt: Path = field(default_factory=Path)
     trainer: Trainer | None = None
@@ -128,17 +129,22 @@ def train(
     echo: Callable[[str], None] = print_line,
     data: DataBundle | None = None,
     parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    on_epoch: Callable[[EpochResult], None] | None = None,
 ) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
     Mistakes (unknown model, bad data) raise ZarError before any run exists. ``data``, when
     given, must be what ``load_data(cfg)`` returns (a study loads it once for all its runs).
     ``parent_run_id`` makes the run a child of that study run, which another process holds.
+    ``tags`` are set on the run besides zar's own (a sweep's trial number); ``on_epoch`` is called
+    with each epoch's result once it is logged, and may stop the run by raising ``Pruned``.
     """
     job = prepare(model_name, cfg, echo, data)
+    job.on_epoch = on_epoch
     cfg, data = job.cfg, job.data
     tracking.check_reachable()
-    run_name = f"{model_name}-{cfg.depth}-seed{cfg.seed}"
+    run_name = (tags or {}).get(tracking.TAG_RUN_NAME, f"{model_name}-{cfg.depth}-seed{cfg.seed}")
     job.run = runs.start(experiment, run_name, parent_run_id, system_metrics=True)
     job.ckpt = tracking.checkpoint_path(job.run)
     with runs.closing(
@@ -152,6 +158,7 @@ def train(
             tracking.TAG_DEVICE: str(job.device),
             tracking.TAG_CHECKPOINT: str(job.ckpt),
             **provenance.code_tags(),
+            **(tags or {}),
         },
     ):
         tracking.log_params(
@@ -266,6 +273,11 @@ def _fit(job: Job) -> TrainingResult:
                 f"val_loss {r.val_loss:.4f}  val_acc {100 * r.val_acc:6.2f}%  ({r.epoch_time_s:.1f}s)"
                 + (f"  lr {r.lr:.3g}" if cfg.scheduler != "none" else "")
             )
+            if job.on_epoch is not None:
+                job.on_epoch(r)
+    except Pruned:  # never resumed: its checkpoint would only take space
+        _remove_checkpoint(job.ckpt)
+        raise
     except Diverged as e:
         kept = (
             f"the checkpoint of epoch {e.epoch - 1} is kept"
@@ -285,13 +297,17 @@ def _fit(job: Job) -> TrainingResult:
         )
     tracking.log_metrics(job.run_id, summary)
     log_results(job)
-    with contextlib.suppress(OSError):  # the logged model supersedes the checkpoint
-        job.ckpt.unlink()
-        job.ckpt.parent.rmdir()
+    _remove_checkpoint(job.ckpt)  # the logged model supersedes it
     echo(f"{job.display}: best val_acc {100 * summary['best_val_acc']:.2f}% at epoch {summary['best_epoch']}")
     return TrainingResult(
         job.run_id, job.run.info.experiment_id, job.model_name, job.display, cfg.seed, list(trainer.history), summary
     )
+
+
+def _remove_checkpoint(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+        path.parent.rmdir()
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
