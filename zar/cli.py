@@ -1,4 +1,4 @@
-"""The ``zar`` command line: models, train, study, compare, bench, runs."""
+"""The ``zar`` command line: models, train, study, sweep, compare, bench, runs."""
 
 from __future__ import annotations
 
@@ -270,6 +270,76 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
         check_data_path(data)
 
 
+@cli.command()
+@models_option("search")
+@click.option(
+    "--space",
+    "space_file",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="YAML search space, e.g. params/sweep-space.yaml: lr: {log_uniform: [1e-4, 1e-2]}, "
+    "batch_size: {choice: [16, 32, 64]}, ... (also uniform and int ranges).",
+)
+@click.option("--trials", type=click.IntRange(min=1), default=20, show_default=True, help="Trials per architecture.")
+@click.option(
+    "--method",
+    type=click.Choice(["tpe", "grid"]),
+    default="tpe",
+    show_default=True,
+    help="Optuna's TPE sampler (seeded with --seed), or every point of a grid of choices in seeded random order.",
+)
+@click.option(
+    "--seeds",
+    callback=_csv(int),
+    help="Then train each architecture's best configuration with these seeds, for mean ± std.",
+)
+@click.option(
+    "--storage",
+    metavar="URL",
+    help="Optuna storage (sqlite:///..., postgresql://...) shared by workers.  [default: optuna.db beside "
+    "MLflow's SQLite store]",
+)
+@click.option(
+    "--startup-trials",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Trials per architecture that always run to the end before the median pruner may stop one.",
+)
+@config_options
+@experiment_option
+@no_progress_option
+def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cfg_loader, experiment, no_progress):
+    """Search hyperparameters with the same budget for every architecture (Optuna).
+
+    One Optuna study per architecture over the same space and number of trials; each trial is a
+    child run of one parent run, which keeps the best trial per architecture. Run the same command
+    again to continue an interrupted sweep: finished trials are never run twice.
+    """
+    from .space import check_method, load_space
+
+    cfg = cfg_loader()
+    space = load_space(space_file, cfg)
+    both = [d.key for d in space if d.key in cfg_loader.given]
+    if both:
+        raise click.UsageError(f"--{both[0].replace('_', '-')} and the space both set {both[0]}; drop one")
+    if not models:
+        raise click.BadParameter("needs at least one model", param_hint="--models")
+    check_study(models, models[0], seeds or [cfg.seed])
+    check_method(method, space, models, trials)
+    check_data_path(cfg.data)
+    probe_server()  # before torch, MLflow and Optuna load: a dead server is reported in a second
+    from . import tracking
+    from .sweep import SweepSpec, run_sweep
+
+    spec = SweepSpec(models, space, trials, cfg, method, seeds or [], startup_trials, experiment)
+    result = run_sweep(spec, storage, progress=not no_progress)
+    click.echo(f"\nSweep run: {tracking.runs_url(result.experiment_id, result.run_id)}")
+    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
+    if result.failures:
+        click.echo(f"{len(result.failures)} trials or runs failed: " + "; ".join(result.failures), err=True)
+
+
 @cli.command(name="compare")
 @experiment_option
 @click.option("--parent", metavar="RUN_ID", help="Only the child runs of this study run.")
@@ -302,11 +372,12 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
 )
 @click.option(
     "--select",
-    type=click.Choice(["last", "best"]),
+    type=click.Choice(["last", "best", "best-trial"]),
     default="last",
     show_default=True,
     help="Final-epoch accuracies, or those of the epoch with the best val_acc (chosen on the "
-    "validation set itself, so optimistic).",
+    "validation set itself, so optimistic); best-trial: a sweep's best trial per architecture "
+    "(with --parent SWEEP_RUN_ID).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["markdown", "csv", "json", "latex"]), default="markdown", show_default=True
@@ -344,10 +415,25 @@ def compare_cmd(
         raise click.UsageError(
             "--baseline compares architectures, --baseline-value each architecture with itself; pass one"
         )
+    if select == "best-trial" and not parent:
+        raise click.UsageError("--select best-trial needs --parent SWEEP_RUN_ID")
     probe_server()  # before MLflow loads: a dead server is reported in a second
-    from . import compare
+    from . import compare, trials
 
+    if select == "best-trial":
+        text = trials.render(trials.fetch_best(experiment, parent), fmt)
+        _emit(text, output)
+        return
+    tuned = trials.sweep_keys(parent) if parent else None
+    if tuned is not None:  # a sweep's table is that of its --seeds runs, each architecture at its best trial
+        rerun = f"tags.`{trials.TAG_RERUN_OF}` LIKE '%'"
+        filter_string = f"{filter_string} and {rerun}" if filter_string else rerun
     fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
+    if tuned is not None and not fetched.rows:
+        raise click.UsageError(
+            f"sweep {parent} has no --seeds runs to compare; 'zar compare --parent {parent} --select best-trial' "
+            "prints its best trials"
+        )
     compare.require_rows(fetched, experiment, parent, filter_string)
     if parent and not group_by:  # an ablation's table, as the study printed it: a row per varied value
         group_by = compare.study_vary_keys(parent)
@@ -356,20 +442,26 @@ def compare_cmd(
     for warning in compare.check_comparable(fetched.rows, strict, grouped):
         click.echo(f"Warning: {warning}", err=True)
     bench = compare.fetch_bench(experiment) if with_bench else None
-    table = compare.build_table(fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench)
+    table = compare.build_table(
+        fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench, tuned=tuned or ()
+    )
     text = compare.render(table, fmt)
     usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
     if fmt == "markdown":
         text += f"\n{usage}\n"
     else:
         click.echo(usage, err=True)
+    _emit(text, output)
+    compare.keep_in_env_run(text, fmt)
+
+
+def _emit(text: str, output: str | None) -> None:
     if output:
         with open(output, "w") as f:
             f.write(text)
         click.echo(f"Wrote {output}", err=True)
     else:
         click.echo(text, nl=False)
-    compare.keep_in_env_run(text, fmt)
 
 
 @cli.command()

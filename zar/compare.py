@@ -20,7 +20,7 @@ import statistics
 import sys
 import warnings
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from scipy import stats
 
@@ -493,6 +493,7 @@ def build_table(
     group_by: list[str] | tuple[str, ...] = (),
     baseline_value: dict[str, str] | None = None,
     bench: list[BenchRun] | None = None,
+    tuned: list[str] | tuple[str, ...] = (),
 ) -> Table:
     """One row per architecture and settings, in the study's order; accuracies in percent.
 
@@ -504,7 +505,9 @@ def build_table(
     shows '-', and a note says why). ``baseline_value`` ({key: value}, its keys grouped by too)
     compares each row to the same architecture's row with those values and otherwise the same
     settings, in place of a baseline architecture. ``bench``: zar bench runs to join to the rows
-    (None: no bench columns). ``select`` defaults to that of the runs.
+    (None: no bench columns). ``select`` defaults to that of the runs. ``tuned``: keys each
+    architecture sets for itself (a sweep's best configurations): they may differ between rows,
+    never within one, and do not keep a row from its baseline.
     """
     if baseline is not None and baseline not in VARIANTS:
         raise ZarError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
@@ -517,6 +520,7 @@ def build_table(
         select = selects.pop()
     if select not in METRICS:
         raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+    rows = _as_tuned(rows, tuned)
     baseline_value = {k: _canonical(k, str(v)) for k, v in (baseline_value or {}).items()}
     group_by = list(dict.fromkeys([*group_by, *baseline_value]))
     check_group_by(rows, group_by)
@@ -604,7 +608,23 @@ def build_table(
     for r, adjusted in zip(tested, holm([r.p_value for r in tested])):
         r.p_adjusted, r.comparisons = adjusted, len(tested)
     table.notes = _notes(table, differing_hparams(rows, group_by), baseline, group_by, baseline_value, missing_bench)
+    if tuned:
+        table.notes.append(
+            f"Each architecture at its own best trial's {', '.join(tuned)} (zar sweep): rows differ in those by "
+            "design, and in no other setting."
+        )
     return table
+
+
+def _as_tuned(rows: list[RunRow], tuned) -> list[RunRow]:
+    """Rows whose ``tuned`` settings no longer split them from their baseline; each architecture must have one."""
+    if not tuned:
+        return rows
+    for model in dict.fromkeys(r.model for r in rows):
+        settings = {tuple(param_value(r, k) for k in tuned) for r in rows if r.model == model}
+        if len(settings) > 1:
+            raise ZarError(f"runs of {model} differ in {', '.join(tuned)}: a row must hold one configuration")
+    return [replace(r, hparams={k: "tuned" if k in tuned else v for k, v in r.hparams.items()}) for r in rows]
 
 
 def _sort_key(r: RunRow, group_by) -> tuple:

@@ -50,6 +50,12 @@ TAG_DEVICE = "zar.device"
 TAG_DIVERGED = "zar.diverged_at"
 TAG_COMPARE = "zar.compare"
 TAG_BENCH = "zar.bench"  # "1" on a zar bench run: measurements of an architecture, never a training run
+TAG_SWEEP = "zar.sweep"  # "1" on a zar sweep's parent run
+TAG_SWEEP_KEY = "zar.sweep_key"  # the sweep's settings, hashed: a rerun of the same command finds its parent
+TAG_TRIAL = "zar.trial"  # a sweep trial's number in its Optuna study
+TAG_OPTUNA_STUDY = "zar.optuna_study"
+TAG_PRUNED = "zar.pruned"  # "epoch N": the pruner stopped the trial after epoch N (the run is KILLED)
+TAG_RERUN_OF = "zar.rerun_of"  # a sweep's --seeds run: the trial number whose config it trains again
 TAG_RUN_NAME = "mlflow.runName"
 TAG_PARENT = "mlflow.parentRunId"
 FINISHED, FAILED, KILLED, RUNNING = (
@@ -124,6 +130,14 @@ def check_reachable(timeout: float = 5.0, create: bool = True) -> None:
                 client().search_experiments(max_results=1)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def local_folder() -> Path:
+    """The folder of the SQLite store, where zar keeps its own files beside it; the working folder otherwise."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and uri[len("sqlite:///") :] not in ("", ":memory:"):
+        return Path(url2pathname(uri[len("sqlite:///") :])).resolve().parent
+    return Path.cwd()
 
 
 def client() -> MlflowClient:

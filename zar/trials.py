@@ -1,0 +1,213 @@
+"""A sweep's tables from what MLflow recorded: the best trial per architecture, and the --seeds runs.
+
+``zar sweep`` prints both when it ends and ``zar compare --parent SWEEP_RUN_ID`` prints them again
+(``--select best-trial`` for the first), from the same runs with the same code, so the two agree.
+A trial's number is its place in the architecture's Optuna study; the best is the FINISHED trial
+with the highest last-epoch val_acc (the objective), the lower number on a tie.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import compare, tracking
+from .errors import ZarError
+from .space import applies
+from .variants import VARIANTS
+
+FORMATS = ("markdown", "csv", "json")
+TAG_RERUN_OF = tracking.TAG_RERUN_OF
+
+
+@dataclass
+class BestTrial:
+    """One architecture's search: its best trial (None when none finished) and how its trials ended."""
+
+    model: str
+    name: str
+    study: str
+    trial: int | None = None
+    run_id: str | None = None
+    val_acc: float | None = None  # percent, the best trial's last epoch
+    params: dict[str, str] = field(default_factory=dict)  # the searched keys, as logged
+    params_m: float | None = None
+    finished: int = 0
+    pruned: int = 0
+    failed: int = 0
+    interrupted: int = 0  # ended by a signal: not counted, another trial took its place
+    running: int = 0
+
+
+@dataclass
+class BestTrials:
+    parent_run_id: str
+    keys: list[str]  # the space's keys, in its order
+    trials: int  # per architecture, as the sweep asked
+    method: str
+    sampler_seed: str
+    rows: list[BestTrial]
+
+    @property
+    def notes(self) -> list[str]:
+        sampler = "a grid, in seeded random order" if self.method == "grid" else "seeded TPE"
+        notes = [
+            f"Each architecture: {self.trials} trials over the same space, {sampler} (seed {self.sampler_seed}), "
+            "a median pruner on each epoch's val_acc; one training seed for every trial.",
+            "optimistic: the best of several trials is chosen on the validation set itself, so its val accuracy "
+            "leans high; 'zar sweep --seeds' trains each best configuration again with other seeds.",
+        ]
+        skipped = [r.model for r in self.rows if any(k not in r.params for k in self.keys)]
+        if skipped:
+            notes.append(f"-: a key that does not change the architecture ({', '.join(skipped)}) is not searched.")
+        if any(r.interrupted for r in self.rows):
+            notes.append("Interrupted trials do not count: each was replaced by a new trial when the sweep went on.")
+        return notes
+
+
+def parent_sweep(parent_run_id: str):
+    """The sweep's parent run; a run that is not one is a one-line error."""
+    run = tracking.get_run(parent_run_id)
+    if run.data.tags.get(tracking.TAG_SWEEP) != "1":
+        raise ZarError(f"run {parent_run_id} is not a zar sweep; --select best-trial reads a sweep's parent run")
+    return run
+
+
+def sweep_keys(parent_run_id: str) -> list[str] | None:
+    """The settings a sweep's --seeds runs take from their best trial (None: not a sweep)."""
+    tracking.check_reachable(create=False)
+    try:
+        run = tracking.get_run(parent_run_id)
+    except ZarError:  # no such run: the search for its children says so, naming the experiment
+        return None
+    if run.data.tags.get(tracking.TAG_SWEEP) != "1":
+        return None
+    return [k for k in json.loads(run.data.params.get("space", "{}")) if k in compare.GUARDED]
+
+
+def fetch_best(experiment: str, parent_run_id: str) -> BestTrials:
+    """Every trial run of the sweep's Optuna studies (any attempt's), reduced to each architecture's best."""
+    tracking.check_reachable(create=False)
+    parent = parent_sweep(parent_run_id)
+    params = parent.data.params
+    studies = json.loads(params.get("optuna_studies", "{}"))
+    keys = list(json.loads(params.get("space", "{}")))
+    rows = []
+    for model, study in studies.items():
+        found = tracking.search_runs(
+            parent.info.experiment_id,
+            f"tags.`{tracking.TAG_OPTUNA_STUDY}` = '{study}'",
+        )
+        rows.append(_best(model, study, found, keys))
+    order = list(VARIANTS)
+    rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
+    trials, method, seed = int(params.get("trials", 0)), params.get("method", ""), params.get("sampler_seed", "")
+    return BestTrials(parent_run_id, keys, trials, method, seed, rows)
+
+
+def _best(model: str, study: str, found: list, keys: list[str]) -> BestTrial:
+    row = BestTrial(model, VARIANTS[model].display_name(34) if model in VARIANTS else model, study)
+    best = None
+    for run in found:
+        status, tags = run.info.status, run.data.tags
+        if status == tracking.FINISHED:
+            row.finished += 1
+            value = run.data.metrics.get("val_acc")
+            if value is None or not math.isfinite(value):
+                continue
+            number = int(tags[tracking.TAG_TRIAL])
+            if best is None or (value, -number) > (best[0], -best[1]):
+                best = (value, number, run)
+        elif status == tracking.KILLED:
+            if tracking.TAG_PRUNED in tags:
+                row.pruned += 1
+            else:
+                row.interrupted += 1
+        elif status == tracking.FAILED:
+            row.failed += 1
+        else:
+            row.running += 1
+    if best is not None:
+        value, number, run = best
+        total = run.data.metrics.get("params_total")
+        row.trial, row.run_id, row.val_acc = number, run.info.run_id, 100 * value
+        row.name = run.data.tags.get(tracking.TAG_DISPLAY, row.name)
+        row.params = {k: run.data.params[k] for k in keys if k in run.data.params and applies(k, model)}
+        row.params_m = total / 1e6 if total is not None else None
+    return row
+
+
+def show(value) -> str:
+    """A searched value as the table prints it: floats to 3 significant digits."""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return str(value) if str(value).lstrip("-").isdigit() else f"{number:.3g}"
+
+
+def columns(keys: list[str]) -> list[str]:
+    return [
+        "Model",
+        "Best trial",
+        "Best trial's Val Acc (%), optimistic",
+        *keys,
+        "Trials: finished / pruned / failed",
+        "Params (M)",
+    ]
+
+
+def _cells(row: BestTrial, keys: list[str]) -> list[str]:
+    return [
+        row.name,
+        "-" if row.trial is None else str(row.trial),
+        "n/a" if row.val_acc is None else f"{row.val_acc:.2f}",
+        *(show(row.params[k]) if k in row.params else "-" for k in keys),
+        f"{row.finished} / {row.pruned} / {row.failed}" + (f" ({row.running} running)" if row.running else ""),
+        "n/a" if row.params_m is None else f"{row.params_m:.2f}",
+    ]
+
+
+def render(best: BestTrials, fmt: str = "markdown") -> str:
+    if fmt not in FORMATS:
+        raise ZarError(f"--select best-trial prints {', '.join(FORMATS)}, not {fmt}")
+    heads = columns(best.keys)
+    if fmt == "json":
+        return json.dumps({"rows": [asdict(r) for r in best.rows], "notes": best.notes}, indent=2) + "\n"
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(heads)
+        writer.writerows(_cells(r, best.keys) for r in best.rows)
+        return out.getvalue()
+    lines = ["| " + " | ".join(heads) + " |", "| --- |" + " :-: |" * (len(heads) - 1)]
+    lines += ["| " + " | ".join(_cells(r, best.keys)) + " |" for r in best.rows]
+    return "\n".join(lines) + "\n\n" + "\n".join(best.notes) + "\n"
+
+
+def log(run_id: str, best: BestTrials) -> None:
+    """The table as the parent's artifacts, and each best val_acc as its metric (``best_trial_val_acc.se``)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for fmt, name in (("markdown", "best_trials.md"), ("csv", "best_trials.csv"), ("json", "best_trials.json")):
+            (Path(tmp) / name).write_text(render(best, fmt))
+        tracking.log_artifacts(run_id, tmp)
+    values = {f"best_trial_val_acc.{r.model}": r.val_acc for r in best.rows if r.val_acc is not None}
+    tracking.log_metrics(run_id, values)
+
+
+def rerun_table(experiment: str, parent_run_id: str, baseline: str | None = None) -> compare.Table | None:
+    """The --seeds runs (each architecture's best configuration again) as the study's table; None without any."""
+    parent_sweep(parent_run_id)
+    fetched = compare.fetch_runs(
+        experiment, parent_run_id, f"tags.`{tracking.TAG_RERUN_OF}` LIKE '%'"
+    )  # fmt: skip
+    if not fetched.rows:
+        return None
+    return compare.build_table(fetched.rows, baseline, tuned=sweep_keys(parent_run_id))
