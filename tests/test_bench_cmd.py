@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import zar.bench
-from zar.bench import METRICS, BenchFailed, flops_per_image
+from zar.bench import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
 from zar.compare import BENCH_COLUMNS
 from zar.models import build_model
 
 from helpers import TINY, all_runs, invoke, leave_store, runs_of, use_store
 
-FAST = ["--depth", "18", "--image-size", "16", "--min-time", "0.05"]
+FAST = ["--depth", "18", "--image-size", "16", "--min-time", "0.05", "--rounds", "2"]
 
 # --- FLOPs by hand -----------------------------------------------------------------------------------
 
@@ -96,6 +96,8 @@ def test_bench_logs_a_finished_run_per_architecture_with_every_metric(in_benched
         assert run.data.tags["zar.display_name"] == {"resnet": "ResNet-18", "se": "SE-ResNet-18"}[model]
         m = run.data.metrics
         assert m["latency_ms_p90"] >= m["latency_ms_median"]
+        assert m["latency_ms_median_min"] <= m["latency_ms_median"] <= m["latency_ms_median_max"]
+        assert params["rounds"] == "2"
     resnet, se = found["resnet"].data.metrics, found["se"].data.metrics
     assert resnet["flops_per_image"] == 2 * RESNET18_MACS
     assert se["flops_per_image"] == 2 * (RESNET18_MACS + SE_MACS) > resnet["flops_per_image"]
@@ -156,8 +158,24 @@ def test_compare_with_bench_joins_the_latest_matching_bench_run(in_benched):
     )
 
 
+def test_rounds_interleave_the_architectures_and_the_table_takes_each_ones_median():
+    a, b, c = (BenchSpec(m) for m in ("plain", "resnet", "se"))
+    assert rounds_order([a, b, c], 2) == [(0, a), (0, b), (0, c), (1, b), (1, c), (1, a)]
+    rounds = [{"latency_ms_median": v, "peak_rss_mb": 100.0 + v} for v in (12.0, 9.0, 10.0)]
+    assert combine(rounds) == {
+        "latency_ms_median": 10.0,
+        "peak_rss_mb": 110.0,
+        "latency_ms_median_min": 9.0,
+        "latency_ms_median_max": 12.0,
+        "rounds": 3.0,
+    }
+
+
 def test_a_failed_measurement_fails_its_run_and_the_others_still_run(store, monkeypatch):
+    calls = []
+
     def fake(spec):
+        calls.append(spec.model)
         if spec.model == "se":
             raise BenchFailed("bench of se failed: RuntimeError: out of memory")
         return {k: 1.0 for k in METRICS} | {"torch_threads": 1.0}
@@ -171,6 +189,7 @@ def test_a_failed_measurement_fails_its_run_and_the_others_still_run(store, monk
     found = bench_runs()
     assert found["se"].info.status == "FAILED" and "out of memory" in found["se"].data.tags["zar.error"]
     assert found["resnet"].info.status == "FINISHED"
+    assert calls == ["se", "resnet", "resnet"]  # two rounds; a failed architecture is not measured again
 
 
 def test_bench_mistakes_are_refused_before_any_run(store):

@@ -21,6 +21,11 @@ is one thread), which synchronises the accelerator around each timed block:
 zar.engine is not imported: it brings the data stack (scikit-learn, torchvision), which would
 add seconds and hundreds of MiB to every measuring process.
 
+Timings on a shared or throttled machine drift by tens of percent from one process to the next, so
+``zar bench`` measures every architecture ``--rounds`` times, a round being each architecture once in
+rotated order (``rounds_order``), and reports the median of each number with the range of the
+latency medians (``combine``).
+
 FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode`` on a forward pass of
 ``FLOP_BATCH`` images, divided by the batch: convolutions and matrix products only (a
 multiply-add is 2 FLOPs); batch norm, activations, pooling and SE's scaling are not counted.
@@ -64,6 +69,8 @@ METRICS = {
     "train_step_ms": f"ms per training step at batch {BATCH} (forward, backward, optimizer), median",
     "peak_rss_mb": "the bench process's RSS high-water mark while measuring, MiB (torch and Python included)",
     "peak_rss_increase_mb": "that peak less the process's RSS before the model was built, MiB",
+    "latency_ms_median_min": "the lowest of the rounds' batch-1 latency medians, ms",
+    "latency_ms_median_max": "the highest of the rounds' batch-1 latency medians, ms",
 }
 
 
@@ -210,6 +217,24 @@ def measure_in_subprocess(spec: BenchSpec) -> dict[str, float]:
         return json.loads(result.read_text())
 
 
+def rounds_order(specs: list[BenchSpec], rounds: int) -> list[tuple[int, BenchSpec]]:
+    """(round, spec) in the order to measure them: every architecture once per round, each round
+    starting one architecture later, so that a slow spell of the machine, or the first process's
+    cold caches, falls on different architectures rather than always on the same one."""
+    n = len(specs)
+    return [(r, specs[(r + i) % n]) for r in range(rounds) for i in range(n)]
+
+
+def combine(measured: list[dict[str, float]]) -> dict[str, float]:
+    """One architecture's rounds as one set of numbers: the median of each, and the spread of the
+    batch-1 latency, so a reader sees how far one round's figure is to be trusted."""
+    out = {k: statistics.median(m[k] for m in measured) for k in measured[0]}
+    out["latency_ms_median_min"] = min(m["latency_ms_median"] for m in measured)
+    out["latency_ms_median_max"] = max(m["latency_ms_median"] for m in measured)
+    out["rounds"] = float(len(measured))
+    return out
+
+
 # --- the table ----------------------------------------------------------------------------------------
 
 
@@ -221,6 +246,7 @@ def columns(device: str) -> list[str]:
         "MFLOPs/image, forward (conv+linear, 2 per MAC)",
         "Latency, batch 1, median (ms)",
         "Latency, batch 1, p90 (ms)",
+        "Latency median, range over rounds (ms)",
         f"Throughput, batch {BATCH} (img/s)",
         f"Train step, batch {BATCH}, median (ms)",
         memory,
@@ -243,6 +269,7 @@ def render(results: list[tuple[BenchSpec, dict[str, float]]]) -> str:
             f"{m['flops_per_image'] / 1e6:,.1f}",
             f"{m['latency_ms_median']:.2f}",
             f"{m['latency_ms_p90']:.2f}",
+            f"{m['latency_ms_median_min']:.2f}-{m['latency_ms_median_max']:.2f}",
             f"{m['throughput_img_s']:,.0f}",
             f"{m['train_step_ms']:.1f}",
             f"{memory:,.0f}",
@@ -253,7 +280,8 @@ def render(results: list[tuple[BenchSpec, dict[str, float]]]) -> str:
     lines += [
         "",
         f"At {spec.image_size} px, depth {spec.depth}, {spec.num_classes} classes, on {device} with "
-        f"{int(m['torch_threads'])} torch thread(s), fp32; each architecture in a fresh process.",
+        f"{int(m['torch_threads'])} torch thread(s), fp32. Every number is the median over {int(m['rounds'])} "
+        "round(s); a round measures each architecture once, in a fresh process, the rounds in rotated order.",
         "FLOPs: convolutions and linear layers of one forward pass (torch FlopCounterMode; a multiply-add is 2).",
         f"Latency: single calls, median and 90th percentile; throughput and train step (forward, backward, "
         f"AdamW step): median of timed blocks at batch {BATCH}.",
