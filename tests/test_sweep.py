@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from zar.config import TrainConfig, load_config
 from zar.space import dims_for, load_space, parse_space
 from zar.sweep import grid_points
+from zar.trials import BestTrial, BestTrials
 
 from helpers import ROOT, TINY, children, epochs, invoke, runs_of, zar_subprocess
 
@@ -215,3 +216,13 @@ def test_an_interrupted_sweep_continues_where_it_stopped_and_runs_nothing_twice(
     interrupted = [r for r in after if r.info.status == "KILLED" and "zar.pruned" not in r.data.tags]
     assert len(interrupted) == 1  # the one interrupted trial, replaced by a new one
     assert zar_subprocess("compare", "--parent", parent.info.run_id, "--select", "best-trial").stdout in again.stdout
+
+
+def test_the_best_trial_table_says_which_key_an_architecture_does_not_search():
+    rows = [
+        BestTrial("resnet", "ResNet-34", "s-resnet", trial=0, params={"lr": "0.001"}),
+        BestTrial("se", "SE-ResNet-34 (r=8)", "s-se", trial=1, params={"lr": "0.002", "se_reduction": "8"}),
+    ]
+    notes = BestTrials("p", ["lr", "se_reduction"], 2, "tpe", "42", rows).notes
+    assert "-: se_reduction does not change ResNet-34, so its study does not search it." in notes
+    assert not [n for n in notes if "SE-ResNet-34" in n]

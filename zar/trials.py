@@ -62,9 +62,10 @@ class BestTrials:
             "optimistic: the best of several trials is chosen on the validation set itself, so its val accuracy "
             "leans high; 'zar sweep --seeds' trains each best configuration again with other seeds.",
         ]
-        skipped = [r.model for r in self.rows if any(k not in r.params for k in self.keys)]
-        if skipped:
-            notes.append(f"-: a key that does not change the architecture ({', '.join(skipped)}) is not searched.")
+        for row in self.rows:
+            unsearched = [k for k in self.keys if k not in row.params]
+            if unsearched and row.trial is not None:
+                notes.append(f"-: {', '.join(unsearched)} does not change {row.name}, so its study does not search it.")
         if any(r.interrupted for r in self.rows):
             notes.append("Interrupted trials do not count: each was replaced by a new trial when the sweep went on.")
         return notes
@@ -103,15 +104,15 @@ def fetch_best(experiment: str, parent_run_id: str) -> BestTrials:
             parent.info.experiment_id,
             f"tags.`{tracking.TAG_OPTUNA_STUDY}` = '{study}'",
         )
-        rows.append(_best(model, study, found, keys))
+        rows.append(_best(model, study, found, keys, int(params.get("depth", 34))))
     order = list(VARIANTS)
     rows.sort(key=lambda r: order.index(r.model) if r.model in order else len(order))
     trials, method, seed = int(params.get("trials", 0)), params.get("method", ""), params.get("sampler_seed", "")
     return BestTrials(parent_run_id, keys, trials, method, seed, rows)
 
 
-def _best(model: str, study: str, found: list, keys: list[str]) -> BestTrial:
-    row = BestTrial(model, VARIANTS[model].display_name(34) if model in VARIANTS else model, study)
+def _best(model: str, study: str, found: list, keys: list[str], depth: int) -> BestTrial:
+    row = BestTrial(model, VARIANTS[model].display_name(depth) if model in VARIANTS else model, study)
     best = None
     for run in found:
         status, tags = run.info.status, run.data.tags
