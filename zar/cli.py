@@ -1,4 +1,4 @@
-"""The ``zar`` command line: models, train, study, sweep, compare, bench, runs."""
+"""The ``zar`` command line: models, train, study, sweep, compare, bench, runs, ui."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
         result = training.resume(resume_run, progress=not no_progress)
     else:
         result = training.train(model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run)
-    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}  (after 'mlflow ui' in this folder)")
+    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}{_ui_hint()}")
 
 
 def _csv(kind):
@@ -258,7 +258,7 @@ def study(models, seeds, baseline, vary_specs, jobs, cfg_loader, experiment, no_
 
     result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
-    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
+    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{_ui_hint()}")
 
 
 def _check_study(models, seeds, baseline, cfg, vary) -> None:
@@ -335,7 +335,7 @@ def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cf
     spec = SweepSpec(models, space, trials, cfg, method, seeds or [], startup_trials, experiment)
     result = run_sweep(spec, storage, progress=not no_progress)
     click.echo(f"\nSweep run: {tracking.runs_url(result.experiment_id, result.run_id)}")
-    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}  (after 'mlflow ui' in this folder)")
+    click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{_ui_hint()}")
     if result.failures:
         click.echo(f"{len(result.failures)} trials or runs failed: " + "; ".join(result.failures), err=True)
 
@@ -492,8 +492,15 @@ def _emit(text: str, output: str | None) -> None:
     show_default=True,
     help="Seconds each of the three timings runs for, after its warm-up.",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 50),
+    default=3,
+    show_default=True,
+    help="Times each architecture is measured, interleaved with the others; the table shows the median.",
+)
 @experiment_option
-def bench(models, depth, image_size, num_classes, se_reduction, device, min_time, experiment):
+def bench(models, depth, image_size, num_classes, se_reduction, device, min_time, rounds, experiment):
     """Measure each architecture: parameters, FLOPs, latency, throughput, training step, peak memory.
 
     Each architecture is measured in a fresh process (fp32, torch's thread count) and recorded
@@ -512,20 +519,37 @@ def bench(models, depth, image_size, num_classes, se_reduction, device, min_time
         measuring.BenchSpec(m, int(depth), image_size, num_classes, se_reduction, device, min_time) for m in models
     ]
     tracking.check_reachable()
-    results, failures, experiment_id = _bench_runs(specs, experiment)
+    results, failures, experiment_id = _bench_runs(specs, rounds, experiment)
     if results:
         click.echo("\n" + measuring.render(results), nl=False)
     if experiment_id:
-        click.echo(f"\nAll runs:  {tracking.runs_url(experiment_id)}  (after 'mlflow ui' in this folder)")
+        click.echo(f"\nAll runs:  {tracking.runs_url(experiment_id)}{_ui_hint()}")
     if failures:
         raise measuring.BenchFailed(f"{len(failures)} of {len(specs)} benches failed: " + "; ".join(failures))
 
 
-def _bench_runs(specs, experiment):
-    """Measure and record each spec in a run of its own (under 'mlflow run', as children of its run, which
-    keeps the table); runs.closing ends each FINISHED, or FAILED with the reason."""
+def _bench_runs(specs, rounds, experiment):
+    """Measure every spec ``rounds`` times, interleaved, then record each in a run of its own (under
+    'mlflow run', as children of its run, which keeps the table); runs.closing ends each FINISHED, or
+    FAILED with the reason."""
     from . import bench as measuring
     from . import provenance, runs, tracking
+
+    measured, failed = {spec: [] for spec in specs}, {}
+    for r, spec in measuring.rounds_order(specs, rounds):
+        if spec in failed:
+            continue
+        try:
+            numbers = measuring.measure_in_subprocess(spec)
+        except measuring.BenchFailed as e:  # recorded as a FAILED run below; the others are still measured
+            failed[spec] = e
+            click.echo(f"{spec.display_name}: {e}", err=True)
+            continue
+        measured[spec].append(numbers)
+        click.echo(
+            f"round {r + 1}/{rounds} {spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1, "
+            f"{numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}"
+        )
 
     results, failures, experiment_id = [], [], None
     parent = runs.start(experiment, "bench") if os.environ.get("MLFLOW_RUN_ID") else None
@@ -560,19 +584,23 @@ def _bench_runs(specs, experiment):
                             "batch_size_train": measuring.BATCH,
                             "batch_size_flops": measuring.FLOP_BATCH,
                             "min_time_s": spec.min_time,
+                            "rounds": rounds,
                         },
                     )
-                    numbers = measuring.measure_in_subprocess(spec)
+                    if spec in failed:
+                        raise failed[spec]
+                    numbers = measuring.combine(measured[spec])
+                    extra = ("torch_threads", "rounds")
                     tracking.log_params(run_id, {"torch_threads": int(numbers["torch_threads"])})
-                    tracking.log_metrics(run_id, {k: v for k, v in numbers.items() if k != "torch_threads"})
-            except measuring.BenchFailed as e:  # the run is FAILED already; the others are still measured
+                    tracking.log_metrics(run_id, {k: v for k, v in numbers.items() if k not in extra})
+            except measuring.BenchFailed as e:  # the run is FAILED already
                 failures.append(str(e))
-                click.echo(f"{spec.display_name}: {e}", err=True)
                 continue
             results.append((spec, numbers))
             click.echo(
-                f"{spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1, "
-                f"{numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}; run {run_id}"
+                f"{spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1 "
+                f"(median of {rounds}), {numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}; "
+                f"run {run_id}"
             )
         if parent and results:
             tracking.log_text(parent.info.run_id, measuring.render(results), "bench.md")
@@ -592,6 +620,30 @@ def _baseline_values(specs) -> dict[str, str]:
             raise click.BadParameter(f"{key} is given twice", param_hint="--baseline-value")
         out[key] = value.strip()
     return out
+
+
+def _ui_hint() -> str:
+    """How to open a printed link: on a local store the UI must be started; a server is one."""
+    from . import tracking
+
+    return "" if tracking.tracking_uri().startswith(("http://", "https://")) else "  (after 'zar ui' in this folder)"
+
+
+@cli.command()
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option(
+    "--host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to listen on; anything but loopback lets others on the network read every run.",
+)
+@experiment_option
+def ui(port, host, experiment):
+    """Start MLflow's UI on zar's store and print the link to the training runs table."""
+    probe_server()
+    from . import ui as serving
+
+    sys.exit(serving.serve(host, port, experiment, click.echo))
 
 
 @cli.command()

@@ -278,11 +278,17 @@ def checkpoint_path(run) -> Path:
     return base / "checkpoints" / "last.pt"
 
 
-def runs_url(experiment_id: str, run_id: str | None = None) -> str:
-    """Where to look in the MLflow UI: its training-runs table (with zar's columns, once
-    ``share_study_view`` saved them), or one run's page, not the GenAI view the UI opens on."""
+def ui_address() -> str:
+    """Where the MLflow UI of this store is: the tracking server, or ``mlflow ui``'s default address."""
     uri = tracking_uri()
-    base = without_credentials(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+    return without_credentials(uri).rstrip("/") if uri.startswith("http") else "http://127.0.0.1:5000"
+
+
+def runs_url(experiment_id: str, run_id: str | None = None, base: str | None = None) -> str:
+    """Where to look in the MLflow UI (at ``base``, default ``ui_address()``): its training-runs table
+    (with zar's columns, once ``share_study_view`` saved them), or one run's page, not the GenAI
+    view the UI opens on."""
+    base = (base or ui_address()).rstrip("/")
     view = "?workflowType=machine_learning"  # without it a run's page shows the GenAI side bar
     if run_id:
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{view}"

@@ -1,0 +1,81 @@
+"""``zar ui``: MLflow's UI on zar's SQLite store, on loopback only, stopped with everything it started."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from urllib.request import urlopen
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import invoke
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def listening(pids) -> set[str]:
+    """The addresses the given processes listen on."""
+    return {c.laddr.ip for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.pid in pids}
+
+
+@pytest.mark.slow
+def test_it_serves_the_store_on_loopback_prints_the_runs_link_and_stops_cleanly(store):
+    experiment_id = MlflowClient().create_experiment("zar")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zar", "ui", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("Training runs: "):
+            break
+    output = "".join(lines)
+    assert lines and lines[-1].startswith("Training runs: "), output + proc.communicate(timeout=30)[0]
+    link = lines[-1].split(": ", 1)[1].strip()
+    assert link.startswith(f"http://127.0.0.1:{port}/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
+
+    with urlopen(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=zar") as r:
+        assert r.status == 200 and experiment_id in r.read().decode()  # the server reads this store
+    server = [p for p in psutil.Process(proc.pid).children(recursive=True)]
+    assert server, "zar ui started no server process"
+    assert listening({proc.pid, *(p.pid for p in server)}) == {"127.0.0.1"}
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, proc.stdout.read()
+    deadline = time.monotonic() + 10
+    while [p for p in server if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < deadline, f"left running: {[p.cmdline() for p in server if p.is_running()]}"
+        time.sleep(0.2)
+    with pytest.raises(OSError):
+        urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+
+
+def test_a_port_in_use_is_a_one_line_error_naming_it(store):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("ui", "--port", str(port))
+    assert result.exit_code == 2  # a user mistake
+    assert result.output.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ")
+    assert result.output.rstrip().endswith("pass another --port") and result.output.count("\n") == 1
+
+
+def test_no_store_is_said_before_any_server_starts(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'none.db'}")
+    result = invoke("ui", "--port", str(free_port()))
+    assert result.exit_code == 2 and "no MLflow store at" in result.output, result.output
+    assert not (tmp_path / "none.db").exists() and not (tmp_path / "mlflow-ui.log").exists()

@@ -1,0 +1,103 @@
+"""``zar ui``: MLflow's UI on the store zar writes to, on loopback, with the link that opens the runs table.
+
+MLflow's own ``mlflow ui`` does the serving; zar only points it at the configured store (the SQLite
+file of MLFLOW_TRACKING_URI, or ./mlflow.db), waits until it answers, and prints the link to the
+training-runs table (not the GenAI view the UI opens on). When MLFLOW_TRACKING_URI is a tracking
+server, that server is the UI already: zar prints its link and starts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from urllib.request import urlopen
+
+from . import tracking
+from .errors import ZarError
+
+START_TIMEOUT_S = 120.0  # the first start migrates the store and builds the app: tens of seconds here
+
+
+def serve(host: str, port: int, experiment: str, echo: Callable[[str], None]) -> int:
+    """Run the UI until Ctrl-C or SIGTERM; returns the exit code."""
+    uri = tracking.tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        tracking.check_reachable()
+        echo(f"Runs are on the tracking server {tracking.shown_uri()}, which serves the UI itself:")
+        echo(_link(experiment, None))
+        return 0
+    if not uri.startswith("sqlite:"):
+        raise ZarError(f"zar ui serves a SQLite store; MLFLOW_TRACKING_URI is {tracking.shown_uri()}")
+    tracking.check_reachable(create=False)  # no runs here is said now, not by an empty UI
+    _check_port(host, port)
+    address = f"http://{host}:{port}"
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+        "--default-artifact-root", str(tracking.local_folder() / "mlruns"), "--workers", "1",
+    ]  # fmt: skip
+    log_path = tracking.local_folder() / "mlflow-ui.log"
+    with open(log_path, "w") as log:  # the server's own chatter; its workers share the session: stopped together
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # stopped like Ctrl-C: the finally stops the server
+    try:
+        _wait_until_up(proc, address, log_path)
+        echo(f"MLflow UI on {tracking.shown_uri()}, listening on {host}:{port} only (log: {log_path}).")
+        echo(f"Training runs: {_link(experiment, address)}")
+        echo("Ctrl-C stops it.")
+        return proc.wait()  # until it ends or a signal stops it
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop(proc)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _link(experiment: str, base: str | None) -> str:
+    """The experiment's training-runs table; the experiments list when it has none yet."""
+    try:
+        return tracking.runs_url(tracking.get_experiment_id(experiment, create=False), base=base)
+    except ZarError:
+        return f"{base or tracking.ui_address()}/#/experiments?workflowType=machine_learning"
+
+
+def _check_port(host: str, port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ZarError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port") from None
+
+
+def _wait_until_up(proc: subprocess.Popen, address: str, log_path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if proc.poll() is not None:
+            raise ZarError(
+                f"mlflow ui exited with code {proc.returncode} before it answered on {address} (see {log_path})"
+            )
+        with contextlib.suppress(OSError):
+            with urlopen(f"{address}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        if time.monotonic() > deadline:
+            raise ZarError(f"mlflow ui did not answer on {address} within {START_TIMEOUT_S:.0f} s")
+        time.sleep(0.25)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+            return
