@@ -131,7 +131,11 @@ def test_compare_with_bench_joins_the_latest_matching_bench_run(in_benched):
     assert lines[0].endswith(" | ".join(BENCH_COLUMNS) + " |")
     (row,) = [line.split(" | ") for line in lines if line.startswith("| ResNet-18")]
     resnet = bench_runs()["resnet"].data.metrics
-    assert row[-3:] == [f"{resnet['latency_ms_median']:.2f}", "31.1", f"{resnet['peak_rss_mb']:,.0f} |"]
+    low, high = resnet["latency_ms_median_min"], resnet["latency_ms_median_max"]
+    latency = f"{resnet['latency_ms_median']:.2f}" + (
+        f" ({low:.2f}-{high:.2f})" if f"{low:.2f}" != f"{high:.2f}" else ""
+    )
+    assert row[-3:] == [latency, "31.1", f"{resnet['peak_rss_mb']:,.0f} |"]
     table = json.loads(invoke("compare", "--with-bench", "--format", "json").stdout)
     assert table[0]["bench"]["run_id"] == bench_runs()["resnet"].info.run_id
 

@@ -439,7 +439,7 @@ def compare_cmd(
         group_by = compare.study_vary_keys(parent)
     grouped = list(dict.fromkeys([*group_by, *baseline_value]))
     compare.check_group_by(fetched.rows, grouped)
-    for warning in compare.check_comparable(fetched.rows, strict, grouped):
+    for warning in compare.check_comparable(fetched.rows, strict, [*grouped, *(tuned or ())]):  # meant to differ
         click.echo(f"Warning: {warning}", err=True)
     bench = compare.fetch_bench(experiment) if with_bench else None
     table = compare.build_table(

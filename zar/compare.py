@@ -95,7 +95,7 @@ def columns(select: str = "last") -> list[str]:
 COLUMNS = columns("last")
 # With --with-bench: the matched zar bench run's numbers, after the accuracy columns.
 BENCH_COLUMNS = [
-    "Latency, batch 1, median (ms)",
+    "Latency, batch 1, median (ms) (range over bench rounds)",
     "MFLOPs/image, forward (conv+linear, 2 per MAC)",
     "Peak memory (MiB)",
 ]
@@ -670,12 +670,23 @@ def _bench_numbers(b: BenchRun) -> dict:
         "device": b.device,
         "latency_ms_median": b.metrics.get("latency_ms_median"),
         "latency_ms_p90": b.metrics.get("latency_ms_p90"),
+        "latency_ms_median_min": b.metrics.get("latency_ms_median_min"),
+        "latency_ms_median_max": b.metrics.get("latency_ms_median_max"),
         "flops_per_image": b.metrics.get("flops_per_image"),
         "peak_memory_mb": memory,
     }
 
 
-BENCH_KEYS = ("run_id", "device", "latency_ms_median", "latency_ms_p90", "flops_per_image", "peak_memory_mb")
+BENCH_KEYS = (
+    "run_id",
+    "device",
+    "latency_ms_median",
+    "latency_ms_p90",
+    "latency_ms_median_min",
+    "latency_ms_median_max",
+    "flops_per_image",
+    "peak_memory_mb",
+)
 
 
 def _names(rows: list[TableRow]) -> str:
@@ -740,8 +751,9 @@ def _notes(
     if table.with_bench:
         notes.append(
             "Bench columns: the most recent finished 'zar bench' run of the row's architecture, depth, image size "
-            "and device (and SE reduction); latency is per image at batch 1; FLOPs count convolutions and "
-            "linear layers only (a multiply-add is 2); peak memory is the bench process's RSS high-water mark "
+            "and device (and SE reduction); latency is per image at batch 1, the median of the bench's rounds, "
+            "with their range: latencies whose ranges overlap are not told apart by that bench; FLOPs count "
+            "convolutions and linear layers only (a multiply-add is 2); peak memory is the bench process's RSS high-water mark "
             "on CPU, torch.cuda.max_memory_allocated on CUDA."
         )
     if missing_bench:
@@ -795,11 +807,21 @@ def _cells(row: TableRow, pm: str = "±", compared: bool = True, with_bench: boo
     if with_bench:
         b = row.bench or {}
         cells += [
-            _fmt(b.get("latency_ms_median"), "{:.2f}"),
+            _latency(b),
             _fmt(b.get("flops_per_image"), "{:,.1f}", 1e-6),
             _fmt(b.get("peak_memory_mb"), "{:,.0f}"),
         ]
     return cells
+
+
+def _latency(b: dict) -> str:
+    """The bench's median latency, with the range of its rounds' medians when they differ: the
+    machine's noise, next to the differences between architectures it may explain."""
+    text = _fmt(b.get("latency_ms_median"), "{:.2f}")
+    low, high = b.get("latency_ms_median_min"), b.get("latency_ms_median_max")
+    if low is not None and high is not None and f"{low:.2f}" != f"{high:.2f}":
+        text += f" ({low:.2f}-{high:.2f})"
+    return text
 
 
 def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
