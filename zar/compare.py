@@ -753,8 +753,8 @@ def _notes(
             "Bench columns: the most recent finished 'zar bench' run of the row's architecture, depth, image size "
             "and device (and SE reduction); latency is per image at batch 1, the median of the bench's rounds, "
             "with their range: latencies whose ranges overlap are not told apart by that bench; FLOPs count "
-            "convolutions and linear layers only (a multiply-add is 2); peak memory is the bench process's RSS high-water mark "
-            "on CPU, torch.cuda.max_memory_allocated on CUDA."
+            "convolutions and linear layers only (a multiply-add is 2); peak memory is the bench process's RSS "
+            "high-water mark on CPU, torch.cuda.max_memory_allocated on CUDA."
         )
     if missing_bench:
         notes.append(
