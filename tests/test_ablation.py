@@ -143,6 +143,7 @@ def test_group_by_several_keys_and_unknown_keys():
 # --- end to end: zar study --vary, then zar compare --group-by ----------------------------------------
 
 
+@pytest.mark.slow  # ~20 s: a whole subprocess run; make test-slow (and CI) runs it
 def test_ablation_study_trains_a_child_per_value_and_seed_and_groups_its_table(store):
     result = invoke("study", "--models", "se", "--vary", "se_reduction=8,2", "--seeds", "1,2", *TINY)
     assert result.exit_code == 0, result.output

@@ -20,7 +20,7 @@ from zar.models import build_model
 
 from helpers import TINY, all_runs, invoke, leave_store, runs_of, use_store
 
-FAST = ["--depth", "18", "--image-size", "16", "--min-time", "0.05", "--rounds", "2"]
+FAST = ["--depth", "18", "--image-size", "16", "--min-time", "0.02", "--rounds", "2"]
 
 # --- FLOPs by hand -----------------------------------------------------------------------------------
 

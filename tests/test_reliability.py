@@ -28,6 +28,10 @@ def history(run_id, key):
     return [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
 
 
+def default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_and_signal(sig, after_epoch=2, extra=()):
     """Start `zar train` for 4 epochs, send `sig` a moment into epoch after_epoch + 1."""
     proc = subprocess.Popen(
@@ -35,6 +39,7 @@ def start_and_signal(sig, after_epoch=2, extra=()):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=default_sigint,  # as a terminal's foreground job gets it, even when pytest runs in the background
     )
     lines = []
     for line in proc.stdout:

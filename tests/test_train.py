@@ -270,6 +270,7 @@ def mlflow_run(*args, cwd, uri):
 TINY_P = ["-P", "data=synthetic", "-P", "epochs=1", "-P", "depth=18", "-P", "image_size=16"]
 
 
+@pytest.mark.slow  # ~20 s: a whole subprocess run; make test-slow (and CI) runs it
 def test_mlflow_run_train_entry_point_makes_one_complete_run(store, tmp_path):
     proc = mlflow_run("-e", "train", "-P", "model=mish", *TINY_P, "-P", "lr=1e-3", cwd=tmp_path, uri=store)
     assert proc.returncode == 0, proc.stderr[-3000:]
