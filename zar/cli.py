@@ -314,7 +314,9 @@ def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cf
 
     One Optuna study per architecture over the same space and number of trials; each trial is a
     child run of one parent run, which keeps the best trial per architecture. Run the same command
-    again to continue an interrupted sweep: finished trials are never run twice.
+    again to continue an interrupted sweep: finished trials are never run twice. The same command
+    started while the sweep runs joins it as a worker, on this machine or another one that shares
+    the tracking server and the --storage: each worker takes the next trial.
     """
     from .space import check_method, load_space
 

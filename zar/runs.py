@@ -24,10 +24,17 @@ from .tracking import FAILED, FINISHED, KILLED, RUNNING
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def start(experiment: str, run_name: str, parent_run_id: str | None = None, system_metrics: bool = False):
+def start(
+    experiment: str,
+    run_name: str,
+    parent_run_id: str | None = None,
+    system_metrics: bool = False,
+    tags: dict[str, str] | None = None,
+):
     """A new run named ``run_name``: nested when a study run is active in this process, a child of
     ``parent_run_id`` (held by another process) when given, else the run ``mlflow run`` made, else
-    a new run in ``experiment``. Children live in their parent's experiment."""
+    a new run in ``experiment``. Children live in their parent's experiment. ``tags`` come with
+    the run itself, as the process tags do."""
     active = tracking.active_run()
     nested = active is not None or parent_run_id is not None
     if parent_run_id:
@@ -41,12 +48,23 @@ def start(experiment: str, run_name: str, parent_run_id: str | None = None, syst
     # The process tags come with the run itself: a run whose process dies before ``closing``
     # takes charge of it is still found by ``zar runs --stale``.
     run = tracking.start_run(
-        experiment_id, run_name, nested, parent_run_id=parent_run_id, tags=process_tags(), system_metrics=system_metrics
+        experiment_id,
+        run_name,
+        nested,
+        parent_run_id=parent_run_id,
+        tags={**(tags or {}), **process_tags()},
+        system_metrics=system_metrics,
     )
     # The runs-table link opens with zar's columns (a study's parent saves them for its children).
     if not nested:
         tracking.share_study_view(run.info.experiment_id)
     return run
+
+
+def discard(run_id: str) -> None:
+    """A run this process has just made and must not keep (another process's run came first): ended and deleted."""
+    tracking.end_run(run_id, KILLED)
+    tracking.delete_run(run_id)
 
 
 def reopen(run_id: str, system_metrics: bool = False):
@@ -156,8 +174,14 @@ def is_stale(run) -> bool:
     return run.info.status == RUNNING and process_alive(run.data.tags) is False
 
 
-def close_orphans(parent_run_id: str, status: str) -> None:
-    """A child killed outright, or stopped before it took charge of its run, leaves that run RUNNING: close it."""
+def close_orphans(parent_run_id: str, status: str, elsewhere_alive: bool = False) -> None:
+    """A child killed outright, or stopped before it took charge of its run, leaves that run RUNNING: close it.
+
+    ``elsewhere_alive``: a child started on another machine is taken to be alive (a sweep's workers
+    there), not closed."""
     for run in tracking.children(parent_run_id, status=RUNNING):
-        if process_alive(run.data.tags) is not True:
+        alive = process_alive(run.data.tags)
+        if alive is None and elsewhere_alive and tracking.TAG_HOST in run.data.tags:
+            continue
+        if alive is not True:
             end(run.info.run_id, status, "its process ended without closing the run")

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ class SweepSpec:
 class SweepResult:
     run_id: str
     experiment_id: str
-    best: trials.BestTrials
+    best: trials.BestTrials | None  # None for a worker that joined another process's sweep
     reruns: compare.Table | None
     failures: list[str]
 
@@ -98,7 +99,9 @@ def run_sweep(
     storage = storage or default_storage()
     data = {data_key(cfg): load_data(cfg)}  # a bad folder fails now; trials share the load
     tracking.check_reachable()
-    parent = _parent(spec, echo)
+    parent, holder = _parent(spec, echo)
+    if holder is not None:
+        return _join(spec, cfg, parent, holder, storage, data, progress, echo)
     run_id = parent.info.run_id
     name = f"sweep-{len(spec.models)}x{spec.trials}"
     with runs.closing(run_id, {tracking.TAG_SWEEP: "1", tracking.TAG_SWEEP_KEY: spec.key, tracking.TAG_RUN_NAME: name}):
@@ -117,10 +120,12 @@ def run_sweep(
             optuna_studies=json.dumps({m: s.study_name for m, s in studies.items()}),
         )
         tracking.log_params(run_id, params)
-        runs.close_orphans(run_id, tracking.FAILED)  # a trial whose process died in an earlier attempt
+        # A trial whose process on this machine died in an earlier attempt; not one of another machine's workers.
+        runs.close_orphans(run_id, tracking.FAILED, elsewhere_alive=True)
         for study in studies.values():
             _fail_stale(study)
         failures = _search(spec, cfg, studies, data, progress, echo)
+        _wait_for_workers(studies, echo)
         best = trials.fetch_best(spec.experiment, run_id)
         trials.log(run_id, best)
         echo("")
@@ -133,30 +138,72 @@ def run_sweep(
 
 
 def _parent(spec: SweepSpec, echo):
-    """The parent run of this sweep if an earlier attempt made one (continued), else a new one.
+    """The sweep's parent run and who holds it: (run, None) when this process does (an earlier
+    attempt's run, continued, or a new one), (run, holder) when a live process does, here or on
+    another machine: this one then joins it as a worker.
 
     Under ``mlflow run``, the run it made is the parent of this attempt: the trials still continue
     (Optuna's studies are found by the sweep's key), and the best-trial table reads them all.
     """
+    name = f"sweep-{len(spec.models)}x{spec.trials}"
     if os.environ.get("MLFLOW_RUN_ID"):
-        return runs.start(spec.experiment, f"sweep-{len(spec.models)}x{spec.trials}")
+        return runs.start(spec.experiment, name), None
+    found = _parents(spec)
+    if not found:
+        run = runs.start(spec.experiment, name, tags={tracking.TAG_SWEEP_KEY: spec.key})
+        first = _parents(spec)[0]  # two workers started at once: the earlier run is the sweep's
+        if first.info.run_id == run.info.run_id:
+            return run, None
+        runs.discard(run.info.run_id)
+        found = [first]
+    run = found[0]
+    tags = run.data.tags
+    if run.info.status == tracking.RUNNING and runs.process_alive(tags) is not False:
+        return run, f"process {tags.get(tracking.TAG_PID, '?')} on {tags.get(tracking.TAG_HOST, '?')}"
+    echo(f"Continuing sweep run {run.info.run_id} ({run.info.status.lower()} before)")
+    return runs.reopen(run.info.run_id), None
+
+
+def _parents(spec: SweepSpec) -> list:
+    """This sweep's parent runs (one, but for a moment when two workers start at once), earliest first."""
     experiment_id = tracking.get_experiment_id(spec.experiment)
     found = [
         r
         for r in tracking.search_runs(experiment_id, f"tags.`{tracking.TAG_SWEEP_KEY}` = '{spec.key}'")
         if tracking.TAG_PARENT not in r.data.tags
     ]
-    if not found:
-        return runs.start(spec.experiment, f"sweep-{len(spec.models)}x{spec.trials}")
-    run = min(found, key=lambda r: r.info.start_time or 0)
-    tags = run.data.tags
-    if run.info.status == tracking.RUNNING and runs.process_alive(tags) is not False:
+    return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+
+def _join(spec, cfg, parent, holder: str, storage: str, data, progress, echo) -> SweepResult:
+    """Take trials of the sweep another process holds, until none is left; that process reports."""
+    run_id = parent.info.run_id
+    theirs = parent.data.params.get("optuna_storage")
+    if theirs is not None and theirs != redact(storage):
         raise ZarError(
-            f"this sweep is running already: run {run.info.run_id}, process {tags.get(tracking.TAG_PID, '?')} "
-            f"on {tags.get(tracking.TAG_HOST, '?')}"
+            f"sweep run {run_id} keeps its trials in the Optuna storage {theirs}, not {redact(storage)}: "
+            "pass that --storage to work on it"
         )
-    echo(f"Continuing sweep run {run.info.run_id} ({run.info.status.lower()} before)")
-    return runs.reopen(run.info.run_id)
+    echo(f"Joining sweep run {run_id} as a worker; {holder} holds it and reports the tables")
+    studies = {m: _study(spec, m, storage) for m in spec.models}
+    failures = _search(spec, cfg, studies, data, progress, echo, parent_id=run_id)
+    echo(f"No trial left to take: {holder} reports the tables once every trial has ended.")
+    return SweepResult(run_id, parent.info.experiment_id, None, None, failures)
+
+
+def _wait_for_workers(studies: dict, echo, poll_s: float = 2.0) -> None:
+    """Until no trial of these studies is RUNNING: the best trial is chosen from all of them."""
+    told = False
+    while True:
+        for study in studies.values():
+            _fail_stale(study)
+        running = sum(len(s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) for s in studies.values())
+        if not running:
+            return
+        if not told:
+            echo(f"Waiting for {running} trial(s) that other workers are running")
+            told = True
+        time.sleep(poll_s)
 
 
 def _study(spec: SweepSpec, model: str, storage: str) -> optuna.Study:
@@ -226,7 +273,7 @@ def grid_points(space: list[Dim], seed: int) -> list[dict]:
     return points
 
 
-def _search(spec: SweepSpec, cfg: TrainConfig, studies: dict, data: dict, progress, echo) -> list[str]:
+def _search(spec: SweepSpec, cfg: TrainConfig, studies: dict, data: dict, progress, echo, parent_id=None) -> list[str]:
     """The architectures in turn, a trial each, until each has its ``spec.trials``."""
     failures = []
     while True:
@@ -237,14 +284,14 @@ def _search(spec: SweepSpec, cfg: TrainConfig, studies: dict, data: dict, progre
             if trial is None:
                 continue
             ran = True
-            failure = _run_trial(spec, cfg, model, study, trial, data, progress, echo)
+            failure = _run_trial(spec, cfg, model, study, trial, data, progress, echo, parent_id)
             if failure:
                 failures.append(failure)
         if not ran:
             return failures
 
 
-def _run_trial(spec, cfg, model, study, trial, data, progress, echo) -> str | None:
+def _run_trial(spec, cfg, model, study, trial, data, progress, echo, parent_id=None) -> str | None:
     label = f"{model} trial {trial.number}"
     values = suggest(trial, dims_for(spec.space, model))
     echo(f"{label} of {spec.trials}: " + ", ".join(f"{k}={trials.show(v)}" for k, v in values.items()))
@@ -273,7 +320,7 @@ def _run_trial(spec, cfg, model, study, trial, data, progress, echo) -> str | No
     try:
         result = training.train(
             model, trial_cfg, spec.experiment, progress, _prefixed(echo, label), _data(data, trial_cfg), tags=tags,
-            on_epoch=report,
+            on_epoch=report, parent_run_id=parent_id,
         )  # fmt: skip
     except Pruned as e:
         study.tell(trial, state=TrialState.PRUNED)

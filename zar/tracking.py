@@ -263,6 +263,11 @@ def end_run(run_id: str, status: str, error: str | None = None) -> None:
         client().set_terminated(run_id, status)
 
 
+def delete_run(run_id: str) -> None:
+    """Move the run to MLflow's trash (``mlflow gc`` removes it for good); searches no longer find it."""
+    client().delete_run(run_id)
+
+
 def local_artifact_dir(run) -> Path | None:
     parsed = urlparse(run.info.artifact_uri)
     if parsed.scheme in ("", "file"):  # MLflow percent-encodes file URIs: "My%20Drive"
