@@ -151,8 +151,16 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, port: int | None = None, timeout: float = 240.0) -> Iterator[str]:
-    """``mlflow server`` on ``folder/mlflow.db`` (created if missing); yields its address once /health answers.
+def mlflow_server(
+    folder: Path,
+    port: int | None = None,
+    timeout: float = 240.0,
+    backend_uri: str | None = None,
+    serve_artifacts: bool = False,
+) -> Iterator[str]:
+    """``mlflow server`` on ``backend_uri`` (default ``folder/mlflow.db``, created if missing), on
+    loopback; yields its address once /health answers. ``serve_artifacts``: the server stores and
+    serves the artifacts (in ``folder/artifacts``), as a team server does, and clients never see the path.
 
     One worker and no job runner: the checks send a handful of requests, and a shared machine's
     cores are better left to the browser.
@@ -166,7 +174,7 @@ def mlflow_server(folder: Path, port: int | None = None, timeout: float = 240.0)
         "mlflow",
         "server",
         "--backend-store-uri",
-        f"sqlite:///{folder / 'mlflow.db'}",
+        backend_uri or f"sqlite:///{folder / 'mlflow.db'}",
         "--host",
         "127.0.0.1",
         "--port",
@@ -174,6 +182,8 @@ def mlflow_server(folder: Path, port: int | None = None, timeout: float = 240.0)
         "--workers",
         "1",
     ]
+    if serve_artifacts:
+        cmd += ["--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
