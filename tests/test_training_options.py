@@ -175,7 +175,7 @@ def scripted(monkeypatch, val_accs: list[float]) -> None:
     """Training steps that cost nothing and validation accuracies that follow ``val_accs``."""
     script = iter(val_accs)
     monkeypatch.setattr(engine, "train_one_epoch", lambda *a, **k: (1.0, 0.5, 1e-3))
-    monkeypatch.setattr(engine, "evaluate", lambda *a: Evaluation(0.5, next(script), [], []))
+    monkeypatch.setattr(engine, "evaluate", lambda *a, **k: Evaluation(0.5, next(script), [], []))
 
 
 @pytest.mark.parametrize(

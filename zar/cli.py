@@ -176,12 +176,17 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from . import tracking
     from . import train as training
+    from .distributed import close
 
-    if resume_run:
-        result = training.resume(resume_run, progress=not no_progress)
-    else:
-        result = training.train(model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run)
-    click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}{_ui_hint()}")
+    try:
+        if resume_run:
+            result = training.resume(resume_run, progress=not no_progress)
+        else:
+            result = training.train(model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run)
+    finally:
+        close()  # under torchrun: leave the process group
+    if result is not None:  # None: a torchrun rank other than 0, which records nothing
+        click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}{_ui_hint()}")
 
 
 def _csv(kind):

@@ -39,13 +39,15 @@ METRICS = {"last": ("train_eval_acc", "val_acc"), "best": ("train_eval_acc_at_be
 TAG_DATA_FINGERPRINT = tracking.TAG_DATA_FINGERPRINT
 # A config key a run did not record is one added after that run: zar ran it at the key's default,
 # which every new key has kept equal to the behaviour before it (scheduler none, precision fp32...).
-UNRECORDED = {f.name: str(f.default) for f in fields(TrainConfig)}
+# A run that did not record world_size trained in one process (before torchrun support, or without it).
+UNRECORDED = {f.name: str(f.default) for f in fields(TrainConfig)} | {"world_size": "1"}
 # What may differ between runs of one row: the training seed, and what does not change results.
 # Depth and SE reduction are in the architecture's display name, so they split rows too.
 NOT_GUARDED = {"seed", "depth", "se_reduction", "device", "workers"}
 GUARDED = [k for k in FIELD_TYPES if k not in NOT_GUARDED] + [
     "dataset",
     "num_classes",
+    "world_size",  # batch_size is per process: N processes train on batches N times as large
     "split_fingerprint",
     "data_fingerprint",
 ]

@@ -21,10 +21,11 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, OneCycleLR, SequentialLR
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from . import distributed
 from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -270,7 +271,7 @@ def train_one_epoch(
             logits = model(x)
             loss = criterion(logits, target)
         loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        if not _all_finite(loss_value, precision.device):
             raise Diverged(epoch, step, loss_value)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -282,11 +283,20 @@ def train_one_epoch(
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    loss_sum, correct, seen = distributed.all_sum([loss_sum, correct, seen], precision.device)  # every rank's batches
     return loss_sum / seen, correct / seen, float(lr)
 
 
+def _all_finite(loss: float, device: torch.device) -> bool:
+    """Whether the loss is finite on every rank: all ranks stop at the same step, or none does."""
+    bad = 0.0 if math.isfinite(loss) else 1.0
+    return (distributed.all_sum([bad], device)[0] if distributed.active() else bad) == 0
+
+
 @torch.inference_mode()
-def evaluate(model, loader, precision: Precision) -> Evaluation:
+def evaluate(model, loader, precision: Precision, sharded: bool = False) -> Evaluation:
+    """Loss, accuracy and every prediction over ``loader``; ``sharded``: each rank's loader holds its
+    ``distributed.shard`` of the set, and the ranks' results are put back in the set's order."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
     loss_sum, y_true, y_pred = 0.0, [], []
@@ -297,6 +307,13 @@ def evaluate(model, loader, precision: Precision) -> Evaluation:
         loss_sum += criterion(logits.float(), y).item()
         y_true += y.tolist()
         y_pred += logits.argmax(1).tolist()
+    if sharded and distributed.active():
+        parts = distributed.all_gather((loss_sum, y_true, y_pred))
+        w = len(parts)
+        n = sum(len(p[1]) for p in parts)  # rank r holds samples r, r + w, ...: sample i is rank i % w's (i // w)th
+        y_true = [parts[i % w][1][i // w] for i in range(n)]
+        y_pred = [parts[i % w][2][i // w] for i in range(n)]
+        loss_sum = sum(p[0] for p in parts)
     n = len(y_true)
     return Evaluation(loss_sum / n, sum(t == p for t, p in zip(y_true, y_pred)) / n, y_true, y_pred)
 
@@ -322,6 +339,12 @@ class Trainer:
         self.cfg, self.device, self.progress = cfg, device, progress
         self.precision = Precision(resolve_precision(cfg.precision, device, cfg.image_size), device)
         self.model = model.to(device, memory_format=self.precision.memory_format)
+        # Under torchrun, DDP trains it (rank 0's weights to every rank first, gradients averaged
+        # every step); self.model stays the plain module that is evaluated, checkpointed and logged.
+        self.net = self.model
+        if distributed.active():
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.optimizer = make_optimizer(self.model, cfg)
         # Training loss only: evaluate() measures val_loss and train_eval_loss as plain cross entropy.
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -329,26 +352,33 @@ class Trainer:
             num_classes = model.fc.out_features
         self.augment = Augment(cfg, num_classes, *normalisation(train_set)) if Augment.wanted(cfg) else None
         self.generator = torch.Generator().manual_seed(cfg.seed)
+        # Under torchrun each rank trains on its share of every epoch's seeded shuffle (batch_size
+        # per rank), and evaluates its share of the evaluation sets; their results are combined.
+        self.sampler = DistributedSampler(train_set, seed=cfg.seed) if distributed.active() else None
+        per_rank = self.sampler.num_samples if self.sampler is not None else len(train_set)
         # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
-        drop_last = len(train_set) % cfg.batch_size == 1 and len(train_set) > 1
+        drop_last = per_rank % cfg.batch_size == 1 and per_rank > 1
         pin = device.type == "cuda"
         self.train_loader = DataLoader(
             train_set,
             cfg.batch_size,
-            shuffle=True,
+            shuffle=self.sampler is None,
+            sampler=self.sampler,
             generator=self.generator,
             num_workers=cfg.workers,
             drop_last=drop_last,
             pin_memory=pin,
         )
         eval_batch = max(cfg.batch_size, EVAL_BATCH_SIZE)
-        self.val_loader = DataLoader(val_set, eval_batch, num_workers=cfg.workers, pin_memory=pin)
+
+        def eval_loader(dataset: Dataset) -> DataLoader:
+            if distributed.active():
+                dataset = Subset(dataset, distributed.shard(len(dataset)))
+            return DataLoader(dataset, eval_batch, num_workers=cfg.workers, pin_memory=pin)
+
+        self.val_loader = eval_loader(val_set)
         # The training images that are evaluated like the validation set after each epoch.
-        self.train_eval_loader = (
-            DataLoader(train_eval_set, eval_batch, num_workers=cfg.workers, pin_memory=pin)
-            if train_eval_set is not None
-            else None
-        )
+        self.train_eval_loader = eval_loader(train_eval_set) if train_eval_set is not None else None
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
         self.last_evaluation: Evaluation | None = None
         self.epoch = 0  # last completed epoch
@@ -362,8 +392,10 @@ class Trainer:
         while self.epoch < self.cfg.epochs and not self.stopped_early:
             epoch = self.epoch + 1
             start = time.perf_counter()
+            if self.sampler is not None:
+                self.sampler.set_epoch(epoch)  # each epoch its own shuffle, the same on every rank
             train_loss, train_acc, lr = train_one_epoch(
-                self.model,
+                self.net,
                 self.train_loader,
                 self.optimizer,
                 self.precision,
@@ -373,8 +405,9 @@ class Trainer:
                 scheduler=self.scheduler,
                 augment=self.augment,
             )
-            ev = self.last_evaluation = evaluate(self.model, self.val_loader, self.precision)
-            tr = evaluate(self.model, self.train_eval_loader, self.precision) if self.train_eval_loader else None
+            distributed.sync_buffers(self.model)
+            ev = self.last_evaluation = self._evaluate(self.val_loader)
+            tr = self._evaluate(self.train_eval_loader) if self.train_eval_loader else None
             result = EpochResult(
                 epoch,
                 train_loss,
@@ -408,8 +441,11 @@ class Trainer:
     def evaluate(self) -> Evaluation:
         """The current model on the validation set (that of the last epoch, computed once)."""
         if self.last_evaluation is None:
-            self.last_evaluation = evaluate(self.model, self.val_loader, self.precision)
+            self.last_evaluation = self._evaluate(self.val_loader)
         return self.last_evaluation
+
+    def _evaluate(self, loader) -> Evaluation:
+        return evaluate(self.model, loader, self.precision, sharded=distributed.active())
 
     def summary(self) -> dict[str, float]:
         """The best epoch (chosen on the validation set, so its val_acc is optimistic) and its numbers;

@@ -24,12 +24,12 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Subset
 from torch.utils.serialization import config as serialization_config
 
-from . import plots, provenance, runs, tracking
+from . import distributed, plots, provenance, runs, tracking
 from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
-from .errors import Pruned, TrainingFailed, ZarError, clip
+from .errors import Pruned, TrainingFailed, ZarError, clip, describe
 from .models import build_model, count_params
 from .tracking import FINISHED, RUNNING
 
@@ -75,7 +75,7 @@ class Job:
 def resolve(cfg: TrainConfig) -> tuple[TrainConfig, torch.device]:
     """The device to train on, and ``cfg`` with the precision that will run in place of 'auto'."""
     try:
-        device = resolve_device(cfg.device)
+        device = distributed.rank_device(resolve_device(cfg.device))
     except ValueError as e:
         raise ZarError(str(e)) from None
     # Runs record the precision that ran, never 'auto': they are compared by it.
@@ -140,6 +140,9 @@ def train(
     ``tags`` are set on the run besides zar's own (a sweep's trial number); ``on_epoch`` is called
     with each epoch's result once it is logged, and may stop the run by raising ``Pruned``.
     """
+    distributed.init()
+    if not distributed.is_main():
+        return _follow(lambda: prepare(model_name, cfg, _silent, data))
     job = prepare(model_name, cfg, echo, data)
     job.on_epoch = on_epoch
     cfg, data = job.cfg, job.data
@@ -161,8 +164,17 @@ def train(
             **(tags or {}),
         },
     ):
+        world = distributed.world_size()
         tracking.log_params(
-            job.run_id, {**cfg.to_dict(), "model": model_name, "dataset": data.name, "num_classes": len(data.classes)}
+            job.run_id,
+            {
+                **cfg.to_dict(),
+                "model": model_name,
+                "dataset": data.name,
+                "num_classes": len(data.classes),
+                "world_size": world,  # processes training together (torchrun); batch_size is per process
+                "global_batch_size": cfg.batch_size * world,
+            },
         )
         check_writable(job)
         log_datasets(data)
@@ -185,6 +197,9 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     """
     if not re.fullmatch(r"[\w-]+", run_id):
         raise ZarError(f"bad run id {clip(repr(run_id))}: a run id is letters, digits, '-' and '_'")
+    distributed.init()
+    if not distributed.is_main():  # rank 0 reads the run and its checkpoint, and hands them on
+        return _follow(lambda: _resumed_job(*distributed.broadcast(None)), resumed=True)
     tracking.check_reachable()
     run = tracking.get_run(run_id)
     tags = run.data.tags
@@ -197,6 +212,7 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     ckpt = tracking.checkpoint_path(run)
     state = load_checkpoint(ckpt, run_id)
     model_name, cfg = known_model(state["model_name"]).name, from_dict(state["config"], source=str(ckpt))
+    distributed.broadcast((model_name, cfg.to_dict(), state))
 
     reopened = runs.reopen(run_id, system_metrics=True)
     with runs.closing(run_id):
@@ -223,6 +239,33 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
                 tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
         echo(f"{job.display}: resuming run {run_id} after epoch {job.trainer.epoch} of {job.cfg.epochs}")
         return _fit(job)
+
+
+def _silent(line: str) -> None:
+    """What a rank other than 0 prints: nothing, so torchrun's output is rank 0's."""
+
+
+def _resumed_job(model_name: str, cfg: dict, state: dict) -> tuple[Job, dict]:
+    return prepare(model_name, from_dict(cfg), _silent), state
+
+
+def _follow(make_job: Callable, resumed: bool = False) -> None:
+    """A rank other than 0 under torchrun: the same model, loop and collectives as rank 0, and no
+    MLflow, checkpoint or output. Its failure is left for rank 0 to record (distributed.record_failure)."""
+    try:
+        job, state = make_job() if resumed else (make_job(), None)
+        job.trainer = _build_trainer(job, progress=False)
+        if state is not None:
+            job.trainer.load_state_dict(state)
+        for _ in job.trainer.epochs():
+            pass
+        job.trainer.evaluate()  # rank 0 evaluates once more if no epoch was left to train
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:
+        distributed.record_failure(describe(e))
+        raise
+    return None
 
 
 def load_checkpoint(path: Path, run_id: str) -> dict:
@@ -259,6 +302,26 @@ def _check_resumable(run) -> None:
 
 
 def _fit(job: Job) -> TrainingResult:
+    """``_fit_here``; under torchrun, a rank that failed fails the run rather than leaving it to look
+    interrupted: its collectives break, or torchrun stops this rank with SIGTERM."""
+    if not distributed.active():
+        return _fit_here(job)
+    try:
+        return _fit_here(job)
+    except KeyboardInterrupt as e:
+        if str(e) != "SIGTERM":
+            raise  # Ctrl-C: interrupted, as without torchrun
+        why = distributed.failure() or (
+            "stopped by torchrun (SIGTERM): another rank failed or the job was stopped; see torchrun's output"
+        )
+    except RuntimeError:  # a collective broke: a rank that said why, or the error itself, fails the run
+        why = distributed.failure()
+        if why is None:
+            raise
+    raise TrainingFailed(f"{why}; run {job.run_id} marked FAILED", reason=why) from None
+
+
+def _fit_here(job: Job) -> TrainingResult:
     """The remaining epochs, each checkpointed then logged; then the results. Divergence fails the run."""
     trainer, cfg, echo = job.trainer, job.cfg, job.echo
     if cfg.workers == 0:  # a thread importing while DataLoader workers fork could leave them a held lock
