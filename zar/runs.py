@@ -105,11 +105,15 @@ def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
         tracking.end_run(run_id, KILLED, str(e))
         raise
     except TrainingFailed as e:
+        _ignore_stop_signals()
         if e.tags:
             tracking.set_tags(run_id, e.tags)
         tracking.end_run(run_id, FAILED, e.reason)
         raise
     except BaseException as e:
+        # A signal now (torchrun stops every rank once one failed) must not cut the closing short:
+        # MLflow's exit handler would then end the run FINISHED.
+        _ignore_stop_signals()
         tracking.end_run(run_id, FAILED, describe(e))
         raise
     else:
