@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,12 @@ def zar_subprocess(*args: str, env: dict | None = None, cwd: Path | None = None,
         cwd=cwd,
         **kwargs,
     )
+
+
+def default_sigint():
+    """``preexec_fn`` for a child that is sent SIGINT: Ctrl-C's default, which a pytest started in
+    the background (as a shell starts a job with ``&``) would hand it ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def all_runs():

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from zar.config import TrainConfig
 from zar.data import load_data
 
-from helpers import all_runs, epochs
+from helpers import all_runs, default_sigint, epochs
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
@@ -43,6 +43,7 @@ def torchrun(*args, **kwargs) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=default_sigint,
         **kwargs,
     )
 

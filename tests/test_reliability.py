@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlflow.tracking import MlflowClient
 
-from helpers import TINY, epochs, zar_subprocess
+from helpers import TINY, default_sigint, epochs, zar_subprocess
 from helpers import all_runs as runs
 
 METRICS = ["train_loss", "train_acc", "val_loss", "val_acc", "epoch_time_s"]
@@ -26,10 +26,6 @@ FOUR_EPOCHS = epochs(4)
 
 def history(run_id, key):
     return [(m.step, m.value) for m in sorted(MlflowClient().get_metric_history(run_id, key), key=lambda m: m.step)]
-
-
-def default_sigint():
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start_and_signal(sig, after_epoch=2, extra=()):

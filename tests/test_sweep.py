@@ -20,7 +20,7 @@ from zar.space import dims_for, load_space, parse_space
 from zar.sweep import grid_points
 from zar.trials import BestTrial, BestTrials
 
-from helpers import ROOT, TINY, children, epochs, invoke, runs_of, zar_subprocess
+from helpers import ROOT, TINY, children, default_sigint, epochs, invoke, runs_of, zar_subprocess
 
 TWO_EPOCHS = epochs(2)
 # lr 1e-7 learns nothing in 2 epochs: below the median of a finished lr 1e-3 trial, so pruned after
@@ -174,7 +174,11 @@ def test_an_interrupted_sweep_continues_where_it_stopped_and_runs_nothing_twice(
     space = write_space(tmp_path, {"lr": {"log_uniform": [1.0e-4, 1.0e-2]}, "batch_size": {"choice": [16, 32]}})
     args = ["sweep", "--models", "resnet,se", "--space", space, "--trials", "3", *TWO_EPOCHS]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "zar", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [sys.executable, "-m", "zar", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=default_sigint,
     )
     lines = []
     for line in proc.stdout:  # interrupt the third trial (resnet's second) in its second epoch
