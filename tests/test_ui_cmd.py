@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
@@ -37,6 +38,15 @@ def test_it_serves_the_store_on_loopback_prints_the_runs_link_and_stops_cleanly(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    try:
+        check_serving(proc, port, experiment_id)
+    finally:  # a failed check must not leave the UI running
+        with contextlib.suppress(psutil.Error):
+            for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+                p.kill()
+
+
+def check_serving(proc, port: int, experiment_id: str) -> None:
     lines = []
     for line in proc.stdout:
         lines.append(line)
