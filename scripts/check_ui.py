@@ -228,7 +228,7 @@ def find_chromium() -> str | None:
     return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
 
 
-def render(chromium: str, url: str, screenshot: Path | None = None, budget_ms: int = BUDGET_MS) -> str:
+def render(chromium: str, url: str, screenshot: Path | None = None, budget_ms: int = BUDGET_MS, window=WINDOW) -> str:
     """The DOM of ``url`` after ``budget_ms`` of virtual time, in a fresh profile (MLflow keeps the
     last workflow type in local storage: a profile shared between pages would carry it over)."""
     with tempfile.TemporaryDirectory(prefix="zar-chromium-") as profile:
@@ -245,7 +245,7 @@ def render(chromium: str, url: str, screenshot: Path | None = None, budget_ms: i
             "--disable-sync",
             "--hide-scrollbars",
             f"--user-data-dir={profile}",
-            f"--window-size={WINDOW[0]},{WINDOW[1]}",
+            f"--window-size={window[0]},{window[1]}",
             f"--virtual-time-budget={budget_ms}",
             "--dump-dom",
         ]

@@ -1,4 +1,4 @@
-"""The ``zar`` command line: models, train, study, sweep, compare, bench, runs, ui."""
+"""The ``zar`` command line: models, train, study, sweep, compare, report, bench, runs, ui."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import functools
 import os
 import sys
 from dataclasses import fields
+from pathlib import Path
 from urllib.parse import urlparse
 
 import click
@@ -431,35 +432,66 @@ def compare_cmd(
         text = trials.render(trials.fetch_best(experiment, parent), fmt)
         _emit(text, output)
         return
-    tuned = trials.sweep_keys(parent) if parent else None
-    if tuned is not None:  # a sweep's table is that of its --seeds runs, each architecture at its best trial
-        rerun = f"tags.`{trials.TAG_RERUN_OF}` LIKE '%'"
-        filter_string = f"{filter_string} and {rerun}" if filter_string else rerun
-    fetched = compare.fetch_runs(experiment, parent, filter_string, select, include_unfinished)
-    if tuned is not None and not fetched.rows:
-        raise click.UsageError(
-            f"sweep {parent} has no --seeds runs to compare; 'zar compare --parent {parent} --select best-trial' "
-            "prints its best trials"
-        )
-    compare.require_rows(fetched, experiment, parent, filter_string)
-    if parent and not group_by:  # an ablation's table, as the study printed it: a row per varied value
-        group_by = compare.study_vary_keys(parent)
-    grouped = list(dict.fromkeys([*group_by, *baseline_value]))
-    compare.check_group_by(fetched.rows, grouped)
-    for warning in compare.check_comparable(fetched.rows, strict, [*grouped, *(tuned or ())]):  # meant to differ
+    found = compare.comparison(
+        experiment, parent, filter_string, baseline, group_by, baseline_value, with_bench, select,
+        include_unfinished, strict,
+    )  # fmt: skip
+    for warning in found.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    bench = compare.fetch_bench(experiment) if with_bench else None
-    table = compare.build_table(
-        fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench, tuned=tuned or ()
-    )
+    table = found.table
     text = compare.render(table, fmt)
-    usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
+    usage = found.usage
     if fmt == "markdown":
         text += f"\n{usage}\n"
     else:
         click.echo(usage, err=True)
     _emit(text, output)
     compare.keep_in_env_run(text, fmt)
+
+
+@cli.command()
+@experiment_option
+@click.option("--parent", metavar="RUN_ID", help="The study (or sweep) run whose children the report covers.")
+@click.option(
+    "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["html", "markdown"]),
+    default="html",
+    show_default=True,
+    help="html: one self-contained file; markdown: a folder with report.md and its PNGs.",
+)
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=True),
+    help="Where to write it.  [default: report.html, or report/ for markdown]",
+)
+@click.option("--title", help="The page's heading.  [default: the study run or the experiment]")
+def report(experiment, parent, filter_string, fmt, output, title):
+    """Write the study as one page: its table, curves, confusion matrices, costs and provenance.
+
+    Built only from what MLflow recorded, so it works on any past study; the table is that of
+    'zar compare' with the same options (and --with-bench where bench runs exist).
+    """
+    output = Path(output or ("report.html" if fmt == "html" else "report"))
+    folder = output if fmt == "markdown" else output.parent
+    if fmt == "html" and output.is_dir():
+        raise click.BadParameter(f"{output} is a folder; name the HTML file to write", param_hint="--output")
+    if not (folder.exists() or folder.parent.is_dir()):
+        raise click.BadParameter(f"folder {folder.parent} does not exist", param_hint="--output")
+    probe_server()
+    from . import compare
+    from . import report as reporting
+
+    tracking_bench = bool(compare.fetch_bench(experiment))
+    found = compare.comparison(experiment, parent, filter_string, with_bench=tracking_bench)
+    for warning in found.warnings:
+        click.echo(f"Warning: {warning}", err=True)
+    path = reporting.write(found, output, fmt, title)
+    click.echo(f"Report: {path.resolve()}")
+    reporting.keep_in_env_run(path)
 
 
 def _emit(text: str, output: str | None) -> None:

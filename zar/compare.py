@@ -149,6 +149,7 @@ class TableRow:
     note: str = ""  # why a number is missing
     group: dict[str, str] = field(default_factory=dict)  # --group-by key -> this row's value
     bench: dict | None = None  # with --with-bench: the matching bench run's numbers (None: none matched)
+    run_ids: list[str] = field(default_factory=list, repr=False)  # the runs the row holds (not in CSV/JSON)
 
     @property
     def train_acc_mean(self) -> float | None:
@@ -604,6 +605,7 @@ def build_table(
                 note=note,
                 group=dict(zip(group_by, key[3])),
                 bench=_bench_numbers(matched) if matched else None,
+                run_ids=[r.run_id for r in g],
             )
         )
     tested = [r for r in table if r.p_value is not None]
@@ -834,6 +836,7 @@ def _csv_record(row: TableRow, with_bench: bool) -> dict:
     """A row as CSV wants it: one column per group key and, with bench, per bench number."""
     record = asdict(row)
     group, bench = record.pop("group"), record.pop("bench")
+    record.pop("run_ids")
     for key, value in group.items():
         record[f"param.{key}" if key in record else key] = value
     if with_bench:
@@ -866,7 +869,8 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
         writer.writerows(records)
         return buf.getvalue()
     if fmt == "json":
-        return json.dumps([asdict(r) for r in table], indent=2) + "\n"
+        records = [{k: v for k, v in asdict(r).items() if k != "run_ids"} for r in table]
+        return json.dumps(records, indent=2) + "\n"
     lines = [
         r"\begin{tabular}{l" + "r" * (len(headers) - 1) + "}",
         r"\hline",
@@ -878,6 +882,66 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
     if notes:  # in a group of its own, so that the small type ends with them
         lines += [r"\par{\footnotesize"] + [_latex(n) + r"\par" for n in notes] + ["}"]
     return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Comparison:
+    """What ``zar compare`` prints, before it is rendered: the table, the runs behind it, the warnings."""
+
+    table: Table
+    fetched: Fetched
+    warnings: list[str]
+    group_by: list[str]
+    experiment: str
+    parent: str | None
+
+    @property
+    def usage(self) -> str:
+        return describe_usage(len(self.fetched.rows), self.fetched.left_out)
+
+
+def comparison(
+    experiment: str,
+    parent: str | None = None,
+    filter_string: str | None = None,
+    baseline: str | None = None,
+    group_by: list[str] | tuple[str, ...] = (),
+    baseline_value: dict[str, str] | None = None,
+    with_bench: bool = False,
+    select: str = "last",
+    include_unfinished: bool = False,
+    strict: bool = False,
+) -> Comparison:
+    """The table of ``zar compare`` with these options; ``zar report`` builds on the same one.
+
+    With ``parent`` a sweep's run, its --seeds runs, each architecture at its best trial; with a
+    study's run, a row per value of what that study varied (unless ``group_by`` says otherwise).
+    """
+    from . import trials  # trials builds on this module
+
+    baseline_value = baseline_value or {}
+    tuned = trials.sweep_keys(parent) if parent else None
+    if tuned is not None:
+        rerun = f"tags.`{trials.TAG_RERUN_OF}` LIKE '%'"
+        filter_string = f"{filter_string} and {rerun}" if filter_string else rerun
+    fetched = fetch_runs(experiment, parent, filter_string, select, include_unfinished)
+    if tuned is not None and not fetched.rows:
+        raise ZarError(
+            f"sweep {parent} has no --seeds runs to compare; 'zar compare --parent {parent} --select best-trial' "
+            "prints its best trials"
+        )
+    require_rows(fetched, experiment, parent, filter_string)
+    group_by = list(group_by)
+    if parent and not group_by:  # an ablation's table, as the study printed it: a row per varied value
+        group_by = study_vary_keys(parent)
+    grouped = list(dict.fromkeys([*group_by, *baseline_value]))
+    check_group_by(fetched.rows, grouped)
+    warnings = check_comparable(fetched.rows, strict, [*grouped, *(tuned or ())])  # those are meant to differ
+    bench = fetch_bench(experiment) if with_bench else None
+    table = build_table(
+        fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench, tuned=tuned or ()
+    )
+    return Comparison(table, fetched, warnings, group_by, experiment, parent)
 
 
 def describe_usage(used: int, left_out: Counter) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: training runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -26,6 +28,7 @@ def curve(history: Sequence[dict], key: str, title: str, path: Path) -> Path:
     ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
     ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label="validation")
     ax.set(xlabel="epoch", ylabel=key, title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, path)
@@ -68,6 +71,7 @@ def val_acc_per_epoch(series: dict[str, Sequence[dict]], path: Path) -> Path:
     for label, history in series.items():
         ax.plot([h["epoch"] for h in history], [100 * h["val_acc"] for h in history], marker="o", label=label)
     ax.set(xlabel="epoch", ylabel="validation accuracy (%)", title="Validation accuracy per epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -82,4 +86,88 @@ def final_val_acc_bars(names: Sequence[str], means: Sequence[float], stds: Seque
     for xi, m in zip(x, means):
         ax.text(xi, m, f"{m:.1f}", ha="center", va="bottom", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+# --- the report's figures: one colour per table row, the same in every chart ---------------------------
+
+
+@dataclass
+class Series:
+    """One table row's runs, per epoch: ``values[run][i]`` is that run's value at ``epochs[i]``."""
+
+    label: str
+    color: str
+    epochs: list[int]
+    values: list[list[float]]
+
+
+def row_colors(labels: Sequence[str]) -> dict[str, str]:
+    """A colour per table row, in the table's order: tab10, then tab20 for long tables."""
+    cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    return {label: matplotlib.colors.to_hex(cmap(i % cmap.N)) for i, label in enumerate(labels)}
+
+
+def _epoch_axis(ax, epochs: Sequence[int]) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if epochs:
+        ax.set_xlim(min(epochs) - 0.3, max(epochs) + 0.3)
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
+def mean_band(series: Sequence[Series], ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
+    """Per row, the mean over its runs (line) and their min-max (band, where there are several)."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    every = []
+    for s in series:
+        values = scale * np.array(s.values, dtype=float)
+        ax.plot(s.epochs, values.mean(0), marker="o", ms=3, color=s.color, label=f"{s.label} (n={len(values)})")
+        if len(values) > 1:
+            ax.fill_between(s.epochs, values.min(0), values.max(0), color=s.color, alpha=0.15, lw=0)
+        every += s.epochs
+    _epoch_axis(ax, every)
+    ax.set(ylabel=ylabel, title=title)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def losses(train: Sequence[Series], val: Sequence[Series], path: Path) -> Path:
+    """Per row, the mean training loss (dashed) and validation loss (solid) over its runs."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    every = []
+    for t, v in zip(train, val):
+        ax.plot(t.epochs, np.mean(t.values, 0), ls="--", color=t.color, alpha=0.8)
+        ax.plot(v.epochs, np.mean(v.values, 0), marker="o", ms=3, color=v.color, label=v.label)
+        every += v.epochs
+    _epoch_axis(ax, every)
+    ax.set(ylabel="cross-entropy loss", title="Loss per epoch: validation (solid), training (dashed)")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def confusion_grid(matrices: Sequence[tuple[str, str, np.ndarray]], labels: Sequence[str], path: Path) -> Path:
+    """The rows' confusion matrices side by side, each titled and framed in its row's colour."""
+    n, k = len(matrices), len(labels)
+    cols = min(n, 3)
+    rows = -(-n // cols)
+    side = min(5.0, 2.0 + 0.3 * k)
+    fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.4), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, color, matrix) in zip(axes.flat, matrices):
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_title(title, fontsize=9, color=color)
+        ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true")
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
+        ax.set_yticklabels(labels, fontsize=7)
+        for spine in ax.spines.values():
+            spine.set_edgecolor(color)
+            spine.set_linewidth(2)
+        if k <= 20:
+            threshold = matrix.max() / 2 if matrix.size else 0
+            for i in range(k):
+                for j in range(k):
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if matrix[i, j] > threshold else "black")  # fmt: skip
     return _save(fig, path)

@@ -75,6 +75,8 @@ def run_study(
         else:
             failures = _train_in_process(kids, experiment, progress, echo, data)
         table = _report(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
+        if table:
+            _write_report(parent, table, echo)
         if failures:
             raise TrainingFailed(f"{len(failures)} of {len(kids)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
@@ -144,6 +146,21 @@ def _report(
     echo(markdown)
     echo(compare.describe_usage(len(fetched.rows), fetched.left_out))
     return table
+
+
+def _write_report(parent, table: list[compare.TableRow], echo) -> None:
+    """The study as one page (zar.report), kept in the parent run as report.html."""
+    from . import report
+
+    run_id = parent.info.run_id
+    base = next((r.model for r in table if r.is_baseline), None)
+    found = compare.comparison(tracking.experiment_name(parent.info.experiment_id), run_id, baseline=base)
+    with tempfile.TemporaryDirectory() as tmp:
+        report.write(found, Path(tmp) / "report.html", "html", title=f"Study run {run_id}")
+        tracking.log_artifacts(run_id, tmp)
+    folder = tracking.local_artifact_dir(parent)
+    where = folder / "report.html" if folder else f"report.html among the artifacts of run {run_id}"
+    echo(f"Report: {where}")
 
 
 def table_metrics(table: list[compare.TableRow]) -> dict[str, float]:

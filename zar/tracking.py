@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 import warnings
@@ -449,6 +450,27 @@ def _dataset_source(source: str, from_code: bool):
 def log_artifacts(run_id: str, folder: str | Path) -> None:
     """Every file in ``folder``, at the top of the run's artifacts."""
     client().log_artifacts(run_id, str(folder))
+
+
+def log_artifacts_file(run_id: str, path: str | Path) -> None:
+    """One file, at the top of the run's artifacts."""
+    client().log_artifact(run_id, str(path))
+
+
+def read_artifact(run_id: str, path: str) -> bytes | None:
+    """An artifact's bytes (read in place from a local store, else downloaded to a temporary folder),
+    or None if the run has none there."""
+    folder = local_artifact_dir(client().get_run(run_id))
+    if folder is not None:
+        file = folder / path
+        return file.read_bytes() if file.is_file() else None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client().download_artifacts(run_id, path, tmp)
+        except Exception:  # MLflow raises its own, OSError or a server error for a missing artifact
+            return None
+        return Path(local).read_bytes()
 
 
 def log_text(run_id: str, text: str, name: str) -> None:

@@ -1,0 +1,154 @@
+"""zar report: the study of conftest (synthetic data, plain and resnet, two seeds each) as one page.
+
+The HTML is parsed back: every section is there, every image is inline and decodes, nothing is
+fetched from outside, and the table's numbers are those of ``zar compare --format json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from helpers import ROOT, invoke
+
+SECTIONS = [
+    "Results",
+    "Validation accuracy per epoch",
+    "Loss per epoch",
+    "Confusion matrices",
+    "Cost per architecture",
+    "What was compared",
+    "Runs",
+]
+
+
+class Page(HTMLParser):
+    """The headings, images, links and table cells of a report."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.h2, self.images, self.links, self.tables = [], [], [], []
+        self.external = []  # anything the page would load from elsewhere
+        self._tag, self._row, self._cell = None, None, None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self._tag = tag
+        if tag == "img":
+            self.images.append(attrs["src"])
+        if tag in ("script", "link", "iframe") or (tag == "img" and not attrs["src"].startswith("data:")):
+            self.external.append((tag, attrs))
+        if tag == "a":
+            self.links.append(attrs["href"])
+        if tag == "table":
+            self.tables.append([])
+        if tag == "tr":
+            self._row = []
+            self.tables[-1].append(self._row)
+        if tag in ("td", "th"):
+            self._cell = []  # its text, across the tags inside it
+
+    def handle_data(self, data):
+        if self._tag == "h2":
+            self.h2.append(data.strip())
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def handle_endtag(self, tag):
+        self._tag = None
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+
+
+def decodes(src: str) -> tuple[int, int]:
+    assert src.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+    image.load()
+    return image.size
+
+
+def test_the_study_keeps_its_report_and_the_page_has_every_section(in_study):
+    assert "Report: " in in_study.output
+    (path,) = [Path(line.split(": ", 1)[1]) for line in in_study.output.splitlines() if line.startswith("Report: ")]
+    assert path.name == "report.html" and path.is_file()
+    names = [a.path for a in MlflowClient().list_artifacts(in_study.parent_id)]
+    assert "report.html" in names
+
+    page = Page(path.read_text())
+    assert page.h2 == SECTIONS
+    assert page.external == []
+    assert len(page.images) == 3 and all(w > 300 and h > 200 for w, h in map(decodes, page.images))
+    assert sum("?workflowType=machine_learning" in href for href in page.links) == 4  # a link per run
+
+    # The results table is zar compare's, number for number.
+    table = json.loads(invoke("compare", "--parent", in_study.parent_id, "--format", "json").stdout)
+    header, *rows = page.tables[0]
+    val = header.index("Val Acc (%)")
+    assert [r[0] for r in rows] == [t["name"] for t in table]
+    assert [r[val] for r in rows] == [f"{t['val_acc_mean']:.2f} ± {t['val_acc_std']:.2f}" for t in table]
+    params = header.index("Params (M)")
+    assert [r[params] for r in rows] == [f"{t['params_m']:.2f}" for t in table]
+    # The cost table: each row's runs, and its seeds summed into its confusion matrix.
+    cost_header, *cost = page.tables[1]
+    assert [c[:2] for c in cost] == [[t["name"], "2"] for t in table]
+
+
+def test_report_command_writes_html_and_a_markdown_folder(in_study, tmp_path):
+    out = tmp_path / "study.html"
+    result = invoke("report", "--parent", in_study.parent_id, "--output", str(out))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == f"Report: {out.resolve()}"
+    assert Page(out.read_text()).h2 == SECTIONS
+
+    folder = tmp_path / "paper"
+    result = invoke("report", "--parent", in_study.parent_id, "--format", "markdown", "--output", str(folder))
+    assert result.exit_code == 0, result.output
+    text = (folder / "report.md").read_text()
+    assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == SECTIONS
+    pictures = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    assert pictures == ["val_acc.png", "loss.png", "confusion.png"]
+    for name in pictures:
+        Image.open(folder / name).load()
+    table = invoke("compare", "--parent", in_study.parent_id).stdout.split("\n\n")[0]
+    assert table in text  # the same Markdown table, character for character
+
+
+def test_report_mistakes_are_one_line_and_write_nothing(in_study, tmp_path):
+    missing = invoke("report", "--parent", "0123abc", "--output", str(tmp_path / "r.html"))
+    assert missing.exit_code == 2 and missing.output.count("\n") == 1, missing.output
+    nowhere = invoke("report", "--output", str(tmp_path / "no" / "such" / "r.html"))
+    assert nowhere.exit_code == 2 and "does not exist" in nowhere.output, nowhere.output
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_headless_chromium(in_study, tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        if os.environ.get("ZAR_REQUIRE_CHROMIUM"):
+            pytest.fail("ZAR_REQUIRE_CHROMIUM is set and no Chromium is installed (apt-get install chromium)")
+        pytest.skip("no Chromium: apt-get install chromium (CI installs it)")
+    page = tmp_path / "study.html"
+    assert invoke("report", "--parent", in_study.parent_id, "--output", str(page)).exit_code == 0
+    png = tmp_path / "study.png"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "render_report.py"), str(page), str(png)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    image = Image.open(png).convert("L")
+    assert image.width == 1200 and 2000 < image.height < 7000, image.size  # cut under the page's end
+    assert image.getextrema()[0] < 100  # text and charts drawn, not a blank page
