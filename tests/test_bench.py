@@ -31,11 +31,17 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
     "script, args, ratio",
     [
         ("bench_cli.py", ["--repeat", "1"], "ratio slowest mistake / `python -c pass`: "),
-        ("bench_compare.py", ["--runs", "5", "--repeat", "1"], "ratio zar compare / mlflow experiments csv: "),
-        (
+        pytest.param(  # ~14 s each: the slow suite's
+            "bench_compare.py",
+            ["--runs", "5", "--repeat", "1"],
+            "ratio zar compare / mlflow experiments csv: ",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             "bench_precision.py",
             ["--images", "40", "--size", "32", "--steps", "1"],
             "ratio zar (precision auto) / plain fp32 loop: ",
+            marks=pytest.mark.slow,
         ),
         pytest.param(
             "bench_train.py",

@@ -260,6 +260,7 @@ def stopped_run(zar, *extra):
     return run
 
 
+@pytest.mark.slow  # ~15 s; the fast suite stays near 5 min
 def test_resume_refuses_other_code_and_changed_data(store, zar, tmp_path):
     run = stopped_run(zar)
     run_id = run.info.run_id
@@ -280,6 +281,7 @@ def test_resume_refuses_other_code_and_changed_data(store, zar, tmp_path):
     assert after.info.status == "FAILED" and "changed since it started" in after.data.tags["zar.error"]
 
 
+@pytest.mark.slow  # ~15 s; the fast suite stays near 5 min
 def test_resume_reads_only_the_runs_own_checkpoint(store, zar, tmp_path):
     """A checkpoint tag pointing elsewhere (a shared server's tags are anyone's) is neither read nor deleted."""
     run = stopped_run(zar)

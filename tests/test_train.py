@@ -131,6 +131,7 @@ def test_train_logs_everything_the_contract_names(store, zar):
     assert runs_url(run.info.experiment_id).endswith("?workflowType=machine_learning&viewStateShareKey=zar")
 
 
+@pytest.mark.slow  # ~15 s; the fast suite stays near 5 min
 def test_split_is_the_same_for_every_architecture(store, zar):
     for model in ("plain", "se"):
         assert zar("train", "--model", model, *TINY, "--seed", "7").exit_code == 0
