@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from zar.config import TrainConfig
 from zar.data import load_data
 
-from helpers import all_runs, default_sigint, epochs
+from helpers import all_runs, default_sigint, epochs, zar_subprocess
 
 pytestmark = pytest.mark.slow
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2"]
@@ -118,6 +118,11 @@ def test_ctrl_c_leaves_the_run_killed_and_resume_under_torchrun_finishes_it(stor
     out, _ = proc.communicate(timeout=300)
     (run,) = all_runs()
     assert run.info.status == "KILLED", (run.info.status, run.data.tags.get("zar.error"), "".join(lines) + out)
+
+    alone = zar_subprocess("train", "--resume", run.info.run_id)  # one process: a schedule made for two
+    assert alone.returncode == 2, alone.stderr
+    assert "trained by 2 process(es) and this resume has 1" in alone.stderr
+    assert all_runs()[0].info.status == "KILLED"
 
     again = torchrun("--resume", run.info.run_id)
     out, _ = again.communicate(timeout=300)

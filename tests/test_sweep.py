@@ -15,6 +15,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+import zar.sweep as sweep_module
 from zar.config import TrainConfig, load_config
 from zar.space import dims_for, load_space, parse_space
 from zar.sweep import grid_points
@@ -230,3 +231,12 @@ def test_the_best_trial_table_says_which_key_an_architecture_does_not_search():
     notes = BestTrials("p", ["lr", "se_reduction"], 2, "tpe", "42", rows).notes
     assert "-: se_reduction does not change ResNet-34, so its study does not search it." in notes
     assert not [n for n in notes if "SE-ResNet-34" in n]
+
+
+def test_grid_workers_never_take_a_point_another_holds_before_it_suggests():
+    # Two workers ask in turn before either has suggested its values: their params are still empty.
+    study = optuna.create_study(direction="maximize")
+    points = [{"lr": 0.1}, {"lr": 0.01}, {"lr": 0.001}]
+    taken = [sweep_module._next_trial(study, 3, points) for _ in range(3)]
+    assert [study.trials[t.number].system_attrs["fixed_params"] for t in taken] == points
+    assert sweep_module._next_trial(study, 3, points) is None  # the grid is spent

@@ -123,11 +123,18 @@ def hide_password(text: str) -> str:
 
 @click.group(cls=ZarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="zar")
-def cli():
+@click.pass_context
+def cli(ctx):
     """zar: run and compare image-classifier architecture studies on MLflow.
 
     Runs go to MLFLOW_TRACKING_URI, or to ./mlflow.db (artifacts in ./mlruns) when it is unset.
     """
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1" and ctx.invoked_subcommand != "train":  # each rank would make runs of its own
+        raise click.UsageError(
+            f"torchrun started {world} processes, and only 'zar train' trains as one of several; "
+            f"run 'zar {ctx.invoked_subcommand}' without torchrun"
+        )
 
 
 @cli.command()
@@ -476,11 +483,10 @@ def report(experiment, parent, filter_string, fmt, output, title):
     'zar compare' with the same options (and --with-bench where bench runs exist).
     """
     output = Path(output or ("report.html" if fmt == "html" else "report"))
-    folder = output if fmt == "markdown" else output.parent
     if fmt == "html" and output.is_dir():
         raise click.BadParameter(f"{output} is a folder; name the HTML file to write", param_hint="--output")
-    if not (folder.exists() or folder.parent.is_dir()):
-        raise click.BadParameter(f"folder {folder.parent} does not exist", param_hint="--output")
+    if not output.parent.is_dir():  # the html file's folder, or the markdown folder's parent
+        raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
     probe_server()
     from . import compare
     from . import report as reporting

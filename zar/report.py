@@ -325,14 +325,17 @@ def write(found: compare.Comparison, output: Path, fmt: str = "html", title: str
         output.mkdir(parents=True, exist_ok=True)
         images = figures(report, output)
         path = output / "report.md"
-        path.write_text(to_markdown(report, images))
+        path.write_text(to_markdown(report, images), encoding="utf-8")
         return path
     with tempfile.TemporaryDirectory() as tmp:
         images = figures(report, Path(tmp))
         text = to_html(report, images)
     tmp_path = output.with_name(output.name + ".tmp")
-    tmp_path.write_text(text)
-    tmp_path.replace(output)  # never a half-written report
+    try:
+        tmp_path.write_text(text, encoding="utf-8")
+        tmp_path.replace(output)  # never a half-written report
+    finally:
+        tmp_path.unlink(missing_ok=True)
     return output
 
 

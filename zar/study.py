@@ -76,7 +76,10 @@ def run_study(
             failures = _train_in_process(kids, experiment, progress, echo, data)
         table = _report(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
-            _write_report(parent, table, echo)
+            try:
+                _write_report(parent, table, echo)
+            except Exception as e:  # the runs and the table are recorded: a page that fails must not fail them
+                echo(f"Report not written: {describe(e)}; 'zar report --parent {run_id}' tries again")
         if failures:
             raise TrainingFailed(f"{len(failures)} of {len(kids)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)

@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .space import Dim, as_dict, check_method, dims_for, grid, suggest
 from .store import redact
 from .study import data_key
 
+TAG_STORAGE = "zar.optuna_storage"  # on the parent from its creation: a worker joins only the same storage
 FAILED_ATTR = "zar.failed"  # on an Optuna trial that failed by itself (not interrupted): it counts
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
@@ -99,7 +101,7 @@ def run_sweep(
     storage = storage or default_storage()
     data = {data_key(cfg): load_data(cfg)}  # a bad folder fails now; trials share the load
     tracking.check_reachable()
-    parent, holder = _parent(spec, echo)
+    parent, holder = _parent(spec, storage, echo)
     if holder is not None:
         return _join(spec, cfg, parent, holder, storage, data, progress, echo)
     run_id = parent.info.run_id
@@ -137,7 +139,7 @@ def run_sweep(
     return SweepResult(run_id, parent.info.experiment_id, best, reruns, failures)
 
 
-def _parent(spec: SweepSpec, echo):
+def _parent(spec: SweepSpec, storage: str, echo):
     """The sweep's parent run and who holds it: (run, None) when this process does (an earlier
     attempt's run, continued, or a new one), (run, holder) when a live process does, here or on
     another machine: this one then joins it as a worker.
@@ -150,7 +152,7 @@ def _parent(spec: SweepSpec, echo):
         return runs.start(spec.experiment, name), None
     found = _parents(spec)
     if not found:
-        run = runs.start(spec.experiment, name, tags={tracking.TAG_SWEEP_KEY: spec.key})
+        run = runs.start(spec.experiment, name, tags={tracking.TAG_SWEEP_KEY: spec.key, TAG_STORAGE: redact(storage)})
         first = _parents(spec)[0]  # two workers started at once: the earlier run is the sweep's
         if first.info.run_id == run.info.run_id:
             return run, None
@@ -178,11 +180,17 @@ def _parents(spec: SweepSpec) -> list:
 def _join(spec, cfg, parent, holder: str, storage: str, data, progress, echo) -> SweepResult:
     """Take trials of the sweep another process holds, until none is left; that process reports."""
     run_id = parent.info.run_id
-    theirs = parent.data.params.get("optuna_storage")
+    theirs = parent.data.tags.get(TAG_STORAGE) or parent.data.params.get("optuna_storage")
     if theirs is not None and theirs != redact(storage):
         raise ZarError(
             f"sweep run {run_id} keeps its trials in the Optuna storage {theirs}, not {redact(storage)}: "
             "pass that --storage to work on it"
+        )
+    host = parent.data.tags.get(tracking.TAG_HOST)
+    if storage.startswith("sqlite:") and host not in (None, socket.gethostname()):
+        raise ZarError(
+            f"sweep run {run_id} runs on {host} with a SQLite Optuna storage, a file there: workers on other "
+            "machines share a sweep through --storage postgresql://... given to every one of them"
         )
     echo(f"Joining sweep run {run_id} as a worker; {holder} holds it and reports the tables")
     studies = {m: _study(spec, m, storage) for m in spec.models}
@@ -201,7 +209,18 @@ def _wait_for_workers(studies: dict, echo, poll_s: float = 2.0) -> None:
         if not running:
             return
         if not told:
-            echo(f"Waiting for {running} trial(s) that other workers are running")
+            where = sorted(
+                {
+                    f"{t.user_attrs.get(tracking.TAG_HOST, '?')} pid {t.user_attrs.get(tracking.TAG_PID, '?')}"
+                    for s in studies.values()
+                    for t in s.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                }
+            )
+            echo(
+                f"Waiting for {running} trial(s) that other workers are running ({'; '.join(where)}); a worker "
+                "on another machine that died leaves its trial RUNNING: stop this one then, and run the sweep "
+                "again once that trial is marked failed (optuna.storages.fail_stale_trials, or its study's UI)"
+            )
             told = True
         time.sleep(poll_s)
 
@@ -250,19 +269,25 @@ def _next_trial(study: optuna.Study, n: int, points: list[dict] | None = None):
         if len(counted) >= n:
             return None
         if points is not None:
-            taken = [t.params for t in counted]
+            taken = [_point(t) for t in counted]
             study.enqueue_trial(next(p for p in points if p not in taken))
         trial = study.ask()
         ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counts(t)]
         if len(ahead) >= n:  # another process took the last place meanwhile
             study.tell(trial, state=TrialState.FAIL)
             return None
-        if points is not None and any(t.params == trial.params for t in ahead):
+        mine = study.get_trials(deepcopy=False)[trial.number]
+        if points is not None and any(_point(t) == _point(mine) for t in ahead):
             study.tell(trial, state=TrialState.FAIL)  # another process took this point meanwhile
             continue
         for key, value in runs.process_tags().items():
             trial.set_user_attr(key, value)
         return trial
+
+
+def _point(trial) -> dict:
+    """A grid trial's point: its enqueued values (before it suggests them, its params are still empty)."""
+    return trial.system_attrs.get("fixed_params") or trial.params
 
 
 def grid_points(space: list[Dim], seed: int) -> list[dict]:

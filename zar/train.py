@@ -178,13 +178,14 @@ def train(
         )
         check_writable(job)
         log_datasets(data)
-        job.trainer = _build_trainer(job, progress)
-        tracking.log_metrics(job.run_id, count_params(job.trainer.model))
-        echo(
-            f"{job.display}: run {job.run_id} in experiment {job.run.info.experiment_id}, "
-            f"{len(data.train)} train / {len(data.val)} val images of {len(data.classes)} classes, on {job.device}"
-        )
-        return _fit(job)
+        with _rank_failures(job):
+            job.trainer = _build_trainer(job, progress)
+            tracking.log_metrics(job.run_id, count_params(job.trainer.model))
+            echo(
+                f"{job.display}: run {job.run_id} in experiment {job.run.info.experiment_id}, {len(data.train)} "
+                f"train / {len(data.val)} val images of {len(data.classes)} classes, on {job.device}"
+            )
+            return _fit_here(job)
 
 
 def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = print_line) -> TrainingResult:
@@ -207,6 +208,14 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     changed = provenance.resume_mismatch(tags)
     if changed:
         raise ZarError(f"run {run_id} was trained by other code ({changed}); start a new run instead")
+    trained_by, now = run.data.params.get("world_size", "1"), str(distributed.world_size())
+    if trained_by != now:  # the lr schedule and the global batch were made for that many processes
+        raise ZarError(
+            f"run {run_id} was trained by {trained_by} process(es) and this resume has {now}; "
+            f"resume it with {trained_by} (torchrun --nproc_per_node={trained_by})"
+            if trained_by != "1"
+            else f"run {run_id} was trained by 1 process and this resume has {now}; resume it with plain zar train"
+        )
     # Always the run's own location, never the checkpoint tag: a tag on a shared server must not
     # point zar at a file to read or delete.
     ckpt = tracking.checkpoint_path(run)
@@ -230,15 +239,16 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
         tracking.set_tags(run_id, {tracking.TAG_DEVICE: str(job.device)})
         if tracking.TAG_ERROR in tags:  # the error that stopped it no longer describes the run
             tracking.delete_tag(run_id, tracking.TAG_ERROR)
-        job.trainer = _build_trainer(job, progress)
-        job.trainer.load_state_dict(state)
-        # The process may have died between checkpointing an epoch and logging it.
-        logged = {step for step, _ in tracking.metric_history(run_id, "val_acc")}
-        for result in job.trainer.history:
-            if result.epoch not in logged:
-                tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
-        echo(f"{job.display}: resuming run {run_id} after epoch {job.trainer.epoch} of {job.cfg.epochs}")
-        return _fit(job)
+        with _rank_failures(job):
+            job.trainer = _build_trainer(job, progress)
+            job.trainer.load_state_dict(state)
+            # The process may have died between checkpointing an epoch and logging it.
+            logged = {step for step, _ in tracking.metric_history(run_id, "val_acc")}
+            for result in job.trainer.history:
+                if result.epoch not in logged:
+                    tracking.log_metrics(run_id, result.metrics(), step=result.epoch)
+            echo(f"{job.display}: resuming run {run_id} after epoch {job.trainer.epoch} of {job.cfg.epochs}")
+            return _fit_here(job)
 
 
 def _silent(line: str) -> None:
@@ -301,16 +311,20 @@ def _check_resumable(run) -> None:
         )
 
 
-def _fit(job: Job) -> TrainingResult:
-    """``_fit_here``; under torchrun, a rank that failed fails the run rather than leaving it to look
-    interrupted: its collectives break, or torchrun stops this rank with SIGTERM."""
+@contextlib.contextmanager
+def _rank_failures(job: Job):
+    """Under torchrun, a rank that failed fails the run rather than leaving it to look interrupted:
+    from the first collective (building the model) to the last, its collectives break, or torchrun
+    stops this rank with SIGTERM. Ctrl-C, which reaches every rank, still interrupts."""
     if not distributed.active():
-        return _fit_here(job)
+        yield
+        return
     try:
-        return _fit_here(job)
+        yield
+        return
     except KeyboardInterrupt as e:
         if str(e) != "SIGTERM":
-            raise  # Ctrl-C: interrupted, as without torchrun
+            raise
         why = distributed.failure() or (
             "stopped by torchrun (SIGTERM): another rank failed or the job was stopped; see torchrun's output"
         )
