@@ -6,7 +6,7 @@ measured together are not):
 1. Whole process: `python -m zar train --epochs E` (fresh run in an initialised SQLite store)
    against `python benchmarks/plain_loop.py --epochs E` (torchvision resnet34, AdamW defaults,
    fp32, no tracking). Target: zar at least 1.4x the plain loop.
-2. Overhead: one in-process `zar.train.train` with timers around every tracking, checkpoint and
+2. Overhead: one in-process `zar.training.train` with timers around every tracking, checkpoint and
    result-logging call. Target: tracking and checkpoints at most 2% of the run's wall time.
 
     python benchmarks/bench_train.py --epochs 3 --repeat 2 --overhead-epochs 10
@@ -76,7 +76,7 @@ OVERHEAD = {
         "log_metrics",
         "end_run",
     ],
-    "zar.train": ["save_checkpoint", "log_datasets", "log_results"],
+    "zar.training": ["save_checkpoint", "log_datasets", "log_results"],
 }
 
 
@@ -89,7 +89,7 @@ def overhead(epochs: int, extra: dict) -> tuple[float, dict[str, float], float]:
         module = importlib.import_module(module_name)
         for name in names:
             setattr(module, name, _stopwatch(getattr(module, name), f"{module_name}.{name}", spent))
-    from zar import train as training
+    from zar import training
     from zar.config import load_config
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zar import train as training
+from zar import training
 
 from helpers import TINY, invoke, leave_store, runs_of, use_store
 

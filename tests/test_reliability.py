@@ -124,7 +124,7 @@ def test_divergence_fails_the_run_at_once_with_epoch_and_step(store, zar):
 
 def test_divergence_after_a_good_epoch_keeps_its_checkpoint(store, zar, monkeypatch):
     """Poison the data from the second epoch on: epoch 1 is good, epoch 2 diverges."""
-    import zar.train as training
+    from zar import training
     from zar.data import load_data
 
     class Poisoned(torch.utils.data.Dataset):
@@ -237,7 +237,7 @@ def test_any_bad_params_file_is_one_line_exit_2_and_no_run(store, zar, tmp_path,
 
 def test_a_new_run_carries_its_process_tags_from_the_start(store):
     """A process that dies between creating its run and taking charge of it leaves a run --stale finds."""
-    from zar import runs as run_life
+    from zar.tracking import runs as run_life
     from zar import tracking
 
     run = run_life.start("zar", "bare")
@@ -317,7 +317,7 @@ def test_an_empty_or_truncated_checkpoint_is_named_in_one_line(store, zar, conte
 
 def test_resume_claims_the_run_before_loading_data(store, zar, monkeypatch):
     """While the data loads, the run is already RUNNING under this process: a second resume is refused."""
-    from zar import train as training
+    from zar import training
 
     run = stopped_run(zar)
     seen = {}
@@ -388,7 +388,7 @@ def test_credentials_in_the_tracking_uri_go_as_basic_auth_and_never_show(tmp_pat
     from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from zar import tracking
-    from zar.store import probe_server
+    from zar.tracking.store import probe_server
 
     seen = []
 
@@ -422,7 +422,7 @@ def test_credentials_in_the_tracking_uri_go_as_basic_auth_and_never_show(tmp_pat
 
 def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, monkeypatch):
     """The order that leaves the previous checkpoint whole if power fails at any point."""
-    from zar import train as training
+    from zar import training
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace

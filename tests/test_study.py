@@ -13,7 +13,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-import zar.train
+import zar.training
 
 from helpers import HEADER, TINY, children, epochs, invoke, runs_of, zar_subprocess
 from helpers import all_runs as runs
@@ -99,7 +99,7 @@ def test_study_nests_its_runs_under_the_run_mlflow_run_created(store, monkeypatc
     def no_model(*args, **kwargs):  # the child fails at once: what matters here is where its run lives
         raise RuntimeError("no model today")
 
-    monkeypatch.setattr(zar.train, "build_model", no_model)
+    monkeypatch.setattr(zar.training, "build_model", no_model)
     result = invoke("study", "--models", "resnet", "--seeds", "3", *TINY)
     assert result.exit_code == 1
     assert result.output.splitlines()[-1] == "Error: 1 of 1 runs failed: resnet seed 3: RuntimeError: no model today"

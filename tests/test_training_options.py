@@ -19,7 +19,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, Se
 from torch.utils.data import DataLoader
 
 from zar import engine
-from zar import train as training
+from zar import training
 from zar.config import ConfigError, TrainConfig, load_config
 from zar.data import IMAGENET_MEAN, IMAGENET_STD, load_data
 from zar.engine import (

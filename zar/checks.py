@@ -1,6 +1,6 @@
 """What a user can get wrong that needs neither torch nor MLflow to see, each checked in one place.
 
-The command line calls these before torch loads, so that a typo costs no wait; zar.train,
+The command line calls these before torch loads, so that a typo costs no wait; zar.training,
 zar.study and zar.data call them again for callers other than the command line.
 """
 

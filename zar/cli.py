@@ -16,7 +16,7 @@ from .ablation import children, parse_vary
 from .checks import check_data_path, check_study, known_model
 from .config import DEVICES, TrainConfig, load_config
 from .errors import ZarException, quote
-from .store import DEFAULT_EXPERIMENT, probe_server
+from .tracking.store import DEFAULT_EXPERIMENT, probe_server
 from .variants import DEPTHS, VARIANTS
 
 # torch and MLflow take seconds to import: commands import what they use when they run, and
@@ -108,7 +108,7 @@ class ZarGroup(click.Group):
             sys.exit(code if isinstance(code, int) else 0)
         message = hide_password(message)
         if os.environ.get("MLFLOW_RUN_ID"):  # still set: zar failed before it adopted that run
-            from .runs import fail_env_run
+            from .tracking.runs import fail_env_run
 
             fail_env_run(message)
         click.echo(f"Error: {message}", err=True)
@@ -182,8 +182,7 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
         model_name = known_model(model_name or "resnet").name
         check_data_path(cfg.data)
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
-    from . import tracking
-    from . import train as training
+    from . import tracking, training
     from .distributed import close
 
     try:
@@ -556,44 +555,41 @@ def bench(models, depth, image_size, num_classes, se_reduction, device, min_time
         raise click.BadParameter("needs at least one model", param_hint="--models")
     check_study(models, models[0])  # each an architecture, named once
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
-    from . import bench as measuring
-    from . import tracking
+    from . import measure, tracking
 
-    device = measuring.device_name(device)
-    specs = [
-        measuring.BenchSpec(m, int(depth), image_size, num_classes, se_reduction, device, min_time) for m in models
-    ]
+    device = measure.device_name(device)
+    specs = [measure.BenchSpec(m, int(depth), image_size, num_classes, se_reduction, device, min_time) for m in models]
     tracking.check_reachable()
     results, failures, experiment_id = _bench_runs(specs, rounds, experiment)
     if results:
-        click.echo("\n" + measuring.render(results), nl=False)
+        click.echo("\n" + measure.render(results), nl=False)
     if experiment_id:
         click.echo(f"\nAll runs:  {tracking.runs_url(experiment_id)}{_ui_hint()}")
     if failures:
-        raise measuring.BenchFailed(f"{len(failures)} of {len(specs)} benches failed: " + "; ".join(failures))
+        raise measure.BenchFailed(f"{len(failures)} of {len(specs)} benches failed: " + "; ".join(failures))
 
 
 def _bench_runs(specs, rounds, experiment):
     """Measure every spec ``rounds`` times, interleaved, then record each in a run of its own (under
     'mlflow run', as children of its run, which keeps the table); runs.closing ends each FINISHED, or
     FAILED with the reason."""
-    from . import bench as measuring
-    from . import provenance, runs, tracking
+    from . import measure, tracking
+    from .tracking import provenance, runs
 
     measured, failed = {spec: [] for spec in specs}, {}
-    for r, spec in measuring.rounds_order(specs, rounds):
+    for r, spec in measure.rounds_order(specs, rounds):
         if spec in failed:
             continue
         try:
-            numbers = measuring.measure_in_subprocess(spec)
-        except measuring.BenchFailed as e:  # recorded as a FAILED run below; the others are still measured
+            numbers = measure.measure_in_subprocess(spec)
+        except measure.BenchFailed as e:  # recorded as a FAILED run below; the others are still measured
             failed[spec] = e
             click.echo(f"{spec.display_name}: {e}", err=True)
             continue
         measured[spec].append(numbers)
         click.echo(
             f"round {r + 1}/{rounds} {spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1, "
-            f"{numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}"
+            f"{numbers['throughput_img_s']:,.0f} img/s at batch {measure.BATCH}"
         )
 
     results, failures, experiment_id = [], [], None
@@ -624,31 +620,31 @@ def _bench_runs(specs, rounds, experiment):
                             "se_reduction": spec.se_reduction,
                             "device": spec.device,
                             "precision": "fp32",
-                            "batch_size_latency": measuring.LATENCY_BATCH,
-                            "batch_size_throughput": measuring.BATCH,
-                            "batch_size_train": measuring.BATCH,
-                            "batch_size_flops": measuring.FLOP_BATCH,
+                            "batch_size_latency": measure.LATENCY_BATCH,
+                            "batch_size_throughput": measure.BATCH,
+                            "batch_size_train": measure.BATCH,
+                            "batch_size_flops": measure.FLOP_BATCH,
                             "min_time_s": spec.min_time,
                             "rounds": rounds,
                         },
                     )
                     if spec in failed:
                         raise failed[spec]
-                    numbers = measuring.combine(measured[spec])
+                    numbers = measure.combine(measured[spec])
                     extra = ("torch_threads", "rounds")
                     tracking.log_params(run_id, {"torch_threads": int(numbers["torch_threads"])})
                     tracking.log_metrics(run_id, {k: v for k, v in numbers.items() if k not in extra})
-            except measuring.BenchFailed as e:  # the run is FAILED already
+            except measure.BenchFailed as e:  # the run is FAILED already
                 failures.append(str(e))
                 continue
             results.append((spec, numbers))
             click.echo(
                 f"{spec.display_name}: {numbers['latency_ms_median']:.2f} ms/image at batch 1 "
-                f"(median of {rounds}), {numbers['throughput_img_s']:,.0f} img/s at batch {measuring.BATCH}; "
+                f"(median of {rounds}), {numbers['throughput_img_s']:,.0f} img/s at batch {measure.BATCH}; "
                 f"run {run_id}"
             )
         if parent and results:
-            tracking.log_text(parent.info.run_id, measuring.render(results), "bench.md")
+            tracking.log_text(parent.info.run_id, measure.render(results), "bench.md")
     return results, failures, experiment_id
 
 
@@ -686,9 +682,9 @@ def _ui_hint() -> str:
 def ui(port, host, experiment):
     """Start MLflow's UI on zar's store and print the link to the training runs table."""
     probe_server()
-    from . import ui as serving
+    from .ui import serve
 
-    sys.exit(serving.serve(host, port, experiment, click.echo))
+    sys.exit(serve(host, port, experiment, click.echo))
 
 
 @cli.command()
@@ -703,20 +699,20 @@ def runs(experiment, stale, mark_failed):
     if mark_failed and not stale:
         raise click.BadParameter("--mark-failed goes with --stale", param_hint="--mark-failed")
     probe_server()  # before MLflow loads: a dead server is reported in a second
-    from . import runs as run_life
     from . import tracking
-    from .tracking import FAILED, RUNNING
+    from .tracking.client import FAILED, RUNNING
+    from .tracking.runs import end, is_stale, process_alive
 
     tracking.check_reachable(create=False)
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     rows = []
     for run in tracking.latest_runs(experiment_id):
         tags = run.data.tags
-        if stale and not run_life.is_stale(run):
+        if stale and not is_stale(run):
             continue
         state = run.info.status
         if run.info.status == RUNNING:
-            alive = run_life.process_alive(tags)
+            alive = process_alive(tags)
             state += {True: " (process alive)", False: " (process gone)", None: " (other machine)"}[alive]
         val = run.data.metrics.get("val_acc")
         name = tags.get(tracking.TAG_DISPLAY, "study" if tags.get(tracking.TAG_STUDY) else "-")
@@ -736,7 +732,7 @@ def runs(experiment, stale, mark_failed):
         click.echo("| " + " | ".join(row) + " |")
     if mark_failed:
         for run_id, *_ in rows:
-            run_life.end(run_id, FAILED, "process gone: closed by 'zar runs --stale --mark-failed'")
+            end(run_id, FAILED, "process gone: closed by 'zar runs --stale --mark-failed'")
         click.echo(f"Marked {len(rows)} run(s) FAILED; 'zar train --resume RUN_ID' continues one from its checkpoint.")
 
 

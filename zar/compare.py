@@ -24,7 +24,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 
 from scipy import stats
 
-from . import runs, tracking
+from . import tracking
+from .tracking import runs
 from .config import FIELD_TYPES, TrainConfig
 from .errors import ZarError
 from .variants import VARIANTS

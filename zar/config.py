@@ -31,9 +31,28 @@ class ConfigError(ZarError):
     pass
 
 
-def key(default: Any, help: str, choices: tuple | None = None) -> Any:
-    """A config field: its default, the help ``--help`` shows, and its choices where there are few."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+# What a key is, said once where it is declared; every list of keys elsewhere is derived from it.
+DATA = "data"  # changes the images a run trains and validates on: runs must match in it, a sweep never searches it
+TRAINING = "training"  # changes how a run learns from the same data: runs must match in it, a sweep may search it
+ARCHITECTURE = "architecture"  # part of the architecture's name (SE-ResNet-18 (r=4)): splits rows by that name
+SEED = "seed"  # differs between the runs of one row by design
+RUNTIME = "runtime"  # where and how fast a run trains, never what it learns
+ROLES = (DATA, TRAINING, ARCHITECTURE, SEED, RUNTIME)
+
+
+def key(
+    default: Any, help: str, choices: tuple | None = None, *, role: str = TRAINING, not_searched: str | None = None
+) -> Any:
+    """A config field: its default, the help ``--help`` shows, its choices where there are few, and its role.
+
+    ``not_searched``: why a sweep may not search the key; every data, seed and runtime key has one
+    (tests/test_config.py holds them to it), a training or architecture key may.
+    """
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; valid: {', '.join(ROLES)}")
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "role": role, "not_searched": not_searched}
+    )
 
 
 @dataclass(frozen=True)
@@ -43,21 +62,60 @@ class TrainConfig:
     epochs: int = key(10, "number of training epochs")
     optimizer: str = key("adamw", "optimizer", OPTIMIZERS)
     weight_decay: float = key(1e-4, "weight decay of the optimizer")
-    seed: int = key(42, "training seed: weight init and batch order")
-    split_seed: int = key(42, "seed of the train/validation split, the same for every architecture")
-    val_ratio: float = key(0.2, "share of the images held out for validation")
-    image_size: int = key(32, "side in pixels that images are resized to")
-    workers: int = key(0, "data-loader worker processes")
-    depth: int = key(34, "ResNet depth", DEPTHS)
-    se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)")
-    data: str = key(
-        "digits", "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class"
+    seed: int = key(
+        42,
+        "training seed: weight init and batch order",
+        role=SEED,
+        not_searched="the trials share one seed; pass --seeds to train the best configurations with several",
     )
-    device: str = key("auto", "where to train (auto: cuda when there is a GPU)", DEVICES)
+    split_seed: int = key(
+        42,
+        "seed of the train/validation split, the same for every architecture",
+        role=DATA,
+        not_searched="every trial must validate on the same images",
+    )
+    val_ratio: float = key(
+        0.2,
+        "share of the images held out for validation",
+        role=DATA,
+        not_searched="every trial must validate on the same images",
+    )
+    image_size: int = key(
+        32,
+        "side in pixels that images are resized to",
+        role=DATA,
+        not_searched="every trial must train on the same data",
+    )
+    workers: int = key(
+        0,
+        "data-loader worker processes",
+        role=RUNTIME,
+        not_searched="it changes how fast a trial loads data, not what it learns",
+    )
+    depth: int = key(34, "ResNet depth", DEPTHS, role=ARCHITECTURE)
+    se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)", role=ARCHITECTURE)
+    data: str = key(
+        "digits",
+        "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class",
+        role=DATA,
+        not_searched="every trial must train on the same data",
+    )
+    device: str = key(
+        "auto",
+        "where to train (auto: cuda when there is a GPU)",
+        DEVICES,
+        role=RUNTIME,
+        not_searched="it changes where a trial runs, not what it learns",
+    )
     precision: str = key(
         "fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)", PRECISIONS
     )
-    skip_bad_images: bool = key(False, "leave unreadable images out (listed in skipped_images.txt) instead of stopping")
+    skip_bad_images: bool = key(
+        False,
+        "leave unreadable images out (listed in skipped_images.txt) instead of stopping",
+        role=DATA,
+        not_searched="every trial must train on the same data",
+    )
     # Options for longer runs; each default is the study's (all off), which trains exactly as before they existed.
     scheduler: str = key(
         "none",
@@ -91,22 +149,25 @@ class TrainConfig:
                 object.__setattr__(self, f.name, _as_float(value))
         _check_types(self)
         checks = [
+            (
+                f.name,
+                getattr(self, f.name) in f.metadata["choices"],
+                f"must be one of {', '.join(map(str, f.metadata['choices']))}",
+            )
+            for f in fields(self)
+            if f.metadata["choices"]
+        ] + [
             ("lr", 0 < self.lr < math.inf, "must be > 0 and finite"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
-            ("optimizer", self.optimizer in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
             ("weight_decay", 0 <= self.weight_decay < math.inf, "must be >= 0 and finite"),
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
             ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
             ("val_ratio", 0 < self.val_ratio < 1, "must be between 0 and 1 (exclusive)"),
             ("image_size", 8 <= self.image_size <= 1024, "must be between 8 and 1024"),
             ("workers", self.workers >= 0, "must be >= 0"),
-            ("depth", self.depth in DEPTHS, f"must be one of {', '.join(map(str, DEPTHS))}"),
             ("se_reduction", 1 <= self.se_reduction <= 64, "must be between 1 and 64"),
             ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
-            ("device", self.device in DEVICES, f"must be one of {', '.join(DEVICES)}"),
-            ("precision", self.precision in PRECISIONS, f"must be one of {', '.join(PRECISIONS)}"),
-            ("scheduler", self.scheduler in SCHEDULERS, f"must be one of {', '.join(SCHEDULERS)}"),
             (
                 "warmup_epochs",
                 self.warmup_epochs == 0 or self.scheduler != "none",
@@ -115,13 +176,12 @@ class TrainConfig:
             ("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"must be >= 0 and below epochs ({self.epochs})"),
             ("early_stop_patience", self.early_stop_patience >= 0, "must be >= 0 (0: off)"),
             ("label_smoothing", 0 <= self.label_smoothing < 1, "must be >= 0 and below 1"),
-            ("augment", self.augment in AUGMENTS, f"must be one of {', '.join(AUGMENTS)}"),
             ("mixup", 0 <= self.mixup < math.inf, "must be >= 0 and finite (0: off)"),
             ("cutmix", 0 <= self.cutmix < math.inf, "must be >= 0 and finite (0: off)"),
         ]
-        for key, ok, rule in checks:
+        for name, ok, rule in checks:
             if not ok:
-                raise ConfigError(f"config key '{key}' {rule}, got {quote(getattr(self, key))}")
+                raise ConfigError(f"config key '{name}' {rule}, got {quote(getattr(self, name))}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +203,15 @@ def _as_float(value: Any) -> Any:
 
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+ROLE = {f.name: f.metadata["role"] for f in fields(TrainConfig)}
+DATA_KEYS = tuple(
+    k for k, role in ROLE.items() if role == DATA
+)  # what zar.data reads: children that share them share a load
+MATCHED_KEYS = tuple(k for k, role in ROLE.items() if role in (DATA, TRAINING))  # runs of one table row agree on these
+# The keys a sweep may not search, and why (zar.space says it when a search space names one).
+NOT_SEARCHED = {
+    f.name: f.metadata["not_searched"] for f in fields(TrainConfig) if f.metadata["not_searched"] is not None
+}
 PY_TYPES = {"float": (float,), "int": (int,), "str": (str,), "bool": (bool,)}
 
 

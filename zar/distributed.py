@@ -3,7 +3,7 @@
 ``torchrun --nproc_per_node=N -m zar train ...`` starts N processes with RANK, LOCAL_RANK and
 WORLD_SIZE (and the rendezvous) in their environment. Without them, a plain ``zar train``, every
 function here answers for one process and calls nothing. Backend: NCCL when the rank trains on
-a GPU (its own, ``cuda:LOCAL_RANK``), gloo on the CPU. torch only: zar.train decides that rank 0
+a GPU (its own, ``cuda:LOCAL_RANK``), gloo on the CPU. torch only: zar.training decides that rank 0
 alone records to MLflow and writes checkpoints.
 """
 

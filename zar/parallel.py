@@ -21,7 +21,8 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from . import runs, tracking
+from . import tracking
+from .tracking import runs
 from .ablation import Child
 from .config import to_yaml
 from .errors import Interrupted

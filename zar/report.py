@@ -23,9 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import compare, plots, runs, tracking
+from . import compare, plots, tracking
+from .tracking import runs
 from .errors import ZarError
-from .provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
+from .tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
 
 FORMATS = ("html", "markdown")
 FIGURES = {

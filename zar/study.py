@@ -10,8 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ablation, compare, parallel, plots, runs, tracking
-from . import train as training
+from . import ablation, compare, parallel, plots, tracking
+from .tracking import runs
+from . import training
 from .ablation import Child
 from .checks import check_study
 from .config import TrainConfig

@@ -1,8 +1,8 @@
-"""Everything zar says to MLflow: no other zar module imports it.
+"""Every call zar makes to MLflow, read as ``zar.tracking.X`` everywhere outside this package.
 
 The store, experiments, runs (started, searched, closed), params, metrics, tags, datasets,
 artifacts and the model; MLflow's tag names and run states as constants. When a run starts and
-how it ends is zar.runs' business; this module only carries out the calls.
+how it ends is zar.tracking.runs' business; this module only carries out the calls.
 
 The tracking URI is MLflow's own: ``MLFLOW_TRACKING_URI`` when set, otherwise MLflow's
 default (SQLite ``mlflow.db`` in the working folder, artifacts under ``./mlruns``), so
@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
-from .errors import ZarError, clip
+from ..errors import ZarError, clip
 from .store import DEFAULT_EXPERIMENT, probe_server, redact, without_credentials  # noqa: F401  (re-exported)
 
 TAG_MODEL = "zar.model"
@@ -128,7 +128,7 @@ def check_reachable(timeout: float = 5.0, create: bool = True) -> None:
         with open(db.with_name(db.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                client().search_experiments(max_results=1)
+                mlflow_client().search_experiments(max_results=1)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -141,7 +141,7 @@ def local_folder() -> Path:
     return Path.cwd()
 
 
-def client() -> MlflowClient:
+def mlflow_client() -> MlflowClient:
     return MlflowClient()
 
 
@@ -152,17 +152,17 @@ def active_run():
 
 def get_run(run_id: str):
     try:
-        return client().get_run(run_id)
+        return mlflow_client().get_run(run_id)
     except MlflowException:
         raise ZarError(f"no MLflow run with id {clip(repr(run_id))} at {shown_uri()}") from None
 
 
 def experiment_name(experiment_id: str) -> str:
-    return client().get_experiment(experiment_id).name
+    return mlflow_client().get_experiment(experiment_id).name
 
 
 def get_experiment_id(name: str, create: bool = True) -> str:
-    c = client()
+    c = mlflow_client()
     exp = _retry_locked(c.get_experiment_by_name)(name)
     if exp is None:
         if not create:
@@ -223,13 +223,13 @@ def log_params(run_id: str, params: dict) -> None:
     Under ``mlflow run`` MLflow logs the ``-P`` values first, spelled as typed
     (``1e-3``); MLflow refuses to change a param, so equal values are not sent again.
     """
-    existing = client().get_run(run_id).data.params
+    existing = mlflow_client().get_run(run_id).data.params
     fresh = [Param(k, str(v)) for k, v in params.items() if k not in existing]
     clashes = [k for k, v in params.items() if k in existing and not _same(existing[k], v)]
     if clashes:
         warnings.warn(f"params already logged with other values kept as they are: {', '.join(clashes)}", stacklevel=2)
     for i in range(0, len(fresh), 100):
-        client().log_batch(run_id, params=fresh[i : i + 100])
+        mlflow_client().log_batch(run_id, params=fresh[i : i + 100])
 
 
 def _same(logged: str, value) -> bool:
@@ -244,29 +244,29 @@ def _same(logged: str, value) -> bool:
 @_retry_locked
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
-    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+    mlflow_client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
 
 @_retry_locked
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
-    client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    mlflow_client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
 @_retry_locked
 def end_run(run_id: str, status: str, error: str | None = None) -> None:
     """Close a run for good; the fluent stack is cleared too if it holds this run."""
     if error:
-        client().set_tag(run_id, TAG_ERROR, error[:5000])
+        mlflow_client().set_tag(run_id, TAG_ERROR, error[:5000])
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status)
     else:
-        client().set_terminated(run_id, status)
+        mlflow_client().set_terminated(run_id, status)
 
 
 def delete_run(run_id: str) -> None:
     """Move the run to MLflow's trash (``mlflow gc`` removes it for good); searches no longer find it."""
-    client().delete_run(run_id)
+    mlflow_client().delete_run(run_id)
 
 
 def local_artifact_dir(run) -> Path | None:
@@ -353,11 +353,11 @@ def share_study_view(experiment_id: str) -> None:
     MLflow 3.1-3.14, which read them from the top level.
     """
     key = f"mlflow.sharedViewState.{STUDY_VIEW_KEY}"
-    if key in client().get_experiment(experiment_id).tags:
+    if key in mlflow_client().get_experiment(experiment_id).tags:
         return
     view = study_view()
     value = {"name": "zar: study columns", "createdAt": int(time.time() * 1000), "state": json.dumps(view), **view}
-    client().set_experiment_tag(experiment_id, key, json.dumps(value))
+    mlflow_client().set_experiment_tag(experiment_id, key, json.dumps(value))
 
 
 # --- reading runs back ---------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | 
     runs, token = [], None
     while True:
         try:
-            page = client().search_runs(
+            page = mlflow_client().search_runs(
                 [experiment_id], filter_string, ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
             )
         except MlflowException as e:
@@ -390,7 +390,7 @@ def latest_runs(experiment_id: str, page_size: int = 1000) -> Iterator:
     """Every run of the experiment, newest first, fetched a page at a time."""
     token = None
     while True:
-        page = client().search_runs(
+        page = mlflow_client().search_runs(
             [experiment_id], order_by=["attributes.start_time DESC"], max_results=page_size, page_token=token
         )
         yield from page
@@ -405,19 +405,19 @@ def children_filter(parent_run_id: str) -> str:
 
 def children(parent_run_id: str, status: str | None = None) -> list:
     """The child runs of ``parent_run_id``, in its experiment; only those in ``status`` when given."""
-    parent = client().get_run(parent_run_id)
+    parent = mlflow_client().get_run(parent_run_id)
     where = children_filter(parent_run_id) + (f" and attributes.status = '{status}'" if status else "")
-    return client().search_runs([parent.info.experiment_id], where)
+    return mlflow_client().search_runs([parent.info.experiment_id], where)
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     """(step, value) of every logged value of ``key``, by step."""
-    return sorted((m.step, m.value) for m in client().get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in mlflow_client().get_metric_history(run_id, key))
 
 
 @_retry_locked
 def delete_tag(run_id: str, key: str) -> None:
-    client().delete_tag(run_id, key)
+    mlflow_client().delete_tag(run_id, key)
 
 
 # --- what a run keeps: datasets, files, the model ---------------------------------------------------
@@ -449,32 +449,32 @@ def _dataset_source(source: str, from_code: bool):
 
 def log_artifacts(run_id: str, folder: str | Path) -> None:
     """Every file in ``folder``, at the top of the run's artifacts."""
-    client().log_artifacts(run_id, str(folder))
+    mlflow_client().log_artifacts(run_id, str(folder))
 
 
 def log_artifacts_file(run_id: str, path: str | Path) -> None:
     """One file, at the top of the run's artifacts."""
-    client().log_artifact(run_id, str(path))
+    mlflow_client().log_artifact(run_id, str(path))
 
 
 def read_artifact(run_id: str, path: str) -> bytes | None:
     """An artifact's bytes (read in place from a local store, else downloaded to a temporary folder),
     or None if the run has none there."""
-    folder = local_artifact_dir(client().get_run(run_id))
+    folder = local_artifact_dir(mlflow_client().get_run(run_id))
     if folder is not None:
         file = folder / path
         return file.read_bytes() if file.is_file() else None
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file otherwise
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            local = client().download_artifacts(run_id, path, tmp)
+            local = mlflow_client().download_artifacts(run_id, path, tmp)
         except Exception:  # MLflow raises its own, OSError or a server error for a missing artifact
             return None
         return Path(local).read_bytes()
 
 
 def log_text(run_id: str, text: str, name: str) -> None:
-    client().log_text(run_id, text, name)
+    mlflow_client().log_text(run_id, text, name)
 
 
 def warm_up_model_logging() -> None:

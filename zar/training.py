@@ -24,7 +24,8 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Subset
 from torch.utils.serialization import config as serialization_config
 
-from . import distributed, plots, provenance, runs, tracking
+from . import distributed, plots, tracking
+from .tracking import provenance, runs
 from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data

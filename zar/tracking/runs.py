@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import psutil
 
-from . import tracking
-from .errors import Interrupted, Pruned, TrainingFailed, describe
-from .tracking import FAILED, FINISHED, KILLED, RUNNING
+from . import client
+from ..errors import Interrupted, Pruned, TrainingFailed, describe
+from .client import FAILED, FINISHED, KILLED, RUNNING
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -35,19 +35,19 @@ def start(
     ``parent_run_id`` (held by another process) when given, else the run ``mlflow run`` made, else
     a new run in ``experiment``. Children live in their parent's experiment. ``tags`` come with
     the run itself, as the process tags do."""
-    active = tracking.active_run()
+    active = client.active_run()
     nested = active is not None or parent_run_id is not None
     if parent_run_id:
-        experiment_id = tracking.get_run(parent_run_id).info.experiment_id
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
     elif nested:
         experiment_id = active.info.experiment_id
     elif os.environ.get("MLFLOW_RUN_ID"):  # 'mlflow run' made the run, in its experiment
         experiment_id = None
     else:
-        experiment_id = tracking.get_experiment_id(experiment)
+        experiment_id = client.get_experiment_id(experiment)
     # The process tags come with the run itself: a run whose process dies before ``closing``
     # takes charge of it is still found by ``zar runs --stale``.
-    run = tracking.start_run(
+    run = client.start_run(
         experiment_id,
         run_name,
         nested,
@@ -57,22 +57,20 @@ def start(
     )
     # The runs-table link opens with zar's columns (a study's parent saves them for its children).
     if not nested:
-        tracking.share_study_view(run.info.experiment_id)
+        client.share_study_view(run.info.experiment_id)
     return run
 
 
 def discard(run_id: str) -> None:
     """A run this process has just made and must not keep (another process's run came first): ended and deleted."""
-    tracking.end_run(run_id, KILLED)
-    tracking.delete_run(run_id)
+    client.end_run(run_id, KILLED)
+    client.delete_run(run_id)
 
 
 def reopen(run_id: str, system_metrics: bool = False):
     """The stopped run ``run_id``, open again (RUNNING, with this process's tags) to continue it."""
-    nested = tracking.active_run() is not None
-    return tracking.start_run(
-        None, "", nested=nested, run_id=run_id, tags=process_tags(), system_metrics=system_metrics
-    )
+    nested = client.active_run() is not None
+    return client.start_run(None, "", nested=nested, run_id=run_id, tags=process_tags(), system_metrics=system_metrics)
 
 
 @contextlib.contextmanager
@@ -87,38 +85,38 @@ def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
     try:
-        tracking.set_tags(run_id, {**(tags or {}), **process_tags()})
+        client.set_tags(run_id, {**(tags or {}), **process_tags()})
         yield
     except KeyboardInterrupt as e:
         _ignore_stop_signals()
-        tracking.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
+        client.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
         raise Interrupted(
             f"interrupted: run {run_id} marked KILLED; continue it with 'zar train --resume {run_id}'"
         ) from None
     except Interrupted as e:  # a study's child was interrupted: the study stops too
         _ignore_stop_signals()
-        tracking.end_run(run_id, KILLED, str(e))
+        client.end_run(run_id, KILLED, str(e))
         raise Interrupted(f"{e}; study run {run_id} marked KILLED") from None
     except Pruned as e:  # a sweep's pruner stopped it: not a failure, and not to be resumed
         _ignore_stop_signals()
-        tracking.set_tags(run_id, {tracking.TAG_PRUNED: f"epoch {e.epoch}"})
-        tracking.end_run(run_id, KILLED, str(e))
+        client.set_tags(run_id, {client.TAG_PRUNED: f"epoch {e.epoch}"})
+        client.end_run(run_id, KILLED, str(e))
         raise
     except TrainingFailed as e:
         _ignore_stop_signals()
         if e.tags:
-            tracking.set_tags(run_id, e.tags)
-        tracking.end_run(run_id, FAILED, e.reason)
+            client.set_tags(run_id, e.tags)
+        client.end_run(run_id, FAILED, e.reason)
         raise
     except BaseException as e:
         # A signal now (torchrun stops every rank once one failed) must not cut the closing short:
         # MLflow's exit handler would then end the run FINISHED.
         _ignore_stop_signals()
-        tracking.end_run(run_id, FAILED, describe(e))
+        client.end_run(run_id, FAILED, describe(e))
         raise
     else:
         _ignore_stop_signals()
-        tracking.end_run(run_id, FINISHED)
+        client.end_run(run_id, FINISHED)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -135,7 +133,7 @@ def _ignore_stop_signals() -> None:
 
 def end(run_id: str, status: str, reason: str | None = None) -> None:
     """Close a run from outside its life (a dead process's run): ``reason`` becomes its ``zar.error``."""
-    tracking.end_run(run_id, status, reason)
+    client.end_run(run_id, status, reason)
 
 
 def fail_env_run(reason: str) -> None:
@@ -143,7 +141,7 @@ def fail_env_run(reason: str) -> None:
     run_id = os.environ.get("MLFLOW_RUN_ID")
     if run_id:
         try:
-            tracking.end_run(run_id, FAILED, reason)
+            client.end_run(run_id, FAILED, reason)
         except Exception:  # the original error is what the user needs to see
             pass
 
@@ -155,19 +153,19 @@ def process_tags() -> dict[str, str]:
     """Who is running this run: lets ``zar runs --stale`` tell a dead process from a live one."""
     proc = psutil.Process()
     return {
-        tracking.TAG_PID: str(proc.pid),
-        tracking.TAG_HOST: socket.gethostname(),
-        tracking.TAG_PROC_START: f"{proc.create_time():.2f}",
+        client.TAG_PID: str(proc.pid),
+        client.TAG_HOST: socket.gethostname(),
+        client.TAG_PROC_START: f"{proc.create_time():.2f}",
     }
 
 
 def process_alive(tags: dict[str, str]) -> bool | None:
     """True/False for a run started on this host; None when it was started elsewhere."""
-    if tags.get(tracking.TAG_HOST) != socket.gethostname() or tracking.TAG_PID not in tags:
+    if tags.get(client.TAG_HOST) != socket.gethostname() or client.TAG_PID not in tags:
         return None
     try:
-        proc = psutil.Process(int(tags[tracking.TAG_PID]))
-        same = f"{proc.create_time():.2f}" == tags.get(tracking.TAG_PROC_START)
+        proc = psutil.Process(int(tags[client.TAG_PID]))
+        same = f"{proc.create_time():.2f}" == tags.get(client.TAG_PROC_START)
         return same and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, ValueError):
         return False
@@ -183,9 +181,9 @@ def close_orphans(parent_run_id: str, status: str, elsewhere_alive: bool = False
 
     ``elsewhere_alive``: a child started on another machine is taken to be alive (a sweep's workers
     there), not closed."""
-    for run in tracking.children(parent_run_id, status=RUNNING):
+    for run in client.children(parent_run_id, status=RUNNING):
         alive = process_alive(run.data.tags)
-        if alive is None and elsewhere_alive and tracking.TAG_HOST in run.data.tags:
+        if alive is None and elsewhere_alive and client.TAG_HOST in run.data.tags:
             continue
         if alive is not True:
             end(run.info.run_id, status, "its process ended without closing the run")

@@ -1,7 +1,7 @@
 """What each architecture costs to run: parameters, FLOPs, latency, throughput, a training step, memory.
 
 torch only, numbers in and numbers out: ``zar bench`` records them in MLflow. Each architecture
-is measured in a fresh Python process (``python -m zar.bench SPEC OUT``), because the peak
+is measured in a fresh Python process (``python -m zar.measure SPEC OUT``), because the peak
 memory of a process (``ru_maxrss``) is its high-water mark over its whole life: measured one
 after another in one process, every architecture would carry the peaks of those before it.
 On Linux the process also resets its high-water mark once torch is imported (``/proc/self/clear_refs``),
@@ -206,7 +206,7 @@ def measure_in_subprocess(spec: BenchSpec) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "zar.bench", json.dumps(asdict(spec)), str(result)],
+            [sys.executable, "-m", "zar.measure", json.dumps(asdict(spec)), str(result)],
             capture_output=True,
             text=True,
         )
@@ -294,7 +294,7 @@ def render(results: list[tuple[BenchSpec, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m zar.bench SPEC_JSON OUT_PATH``: measure, write the numbers as JSON to OUT_PATH."""
+    """``python -m zar.measure SPEC_JSON OUT_PATH``: measure, write the numbers as JSON to OUT_PATH."""
     spec_json, out_path = argv
     try:
         numbers = measure(BenchSpec(**json.loads(spec_json)))

@@ -8,7 +8,7 @@ import urllib.error
 import urllib.request
 from urllib.parse import unquote, urlparse, urlunparse
 
-from .errors import ZarError
+from ..errors import ZarError
 
 DEFAULT_EXPERIMENT = "zar"
 
