@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import zar.measure
-from zar.measure import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
 from zar.compare import BENCH_COLUMNS
+from zar.measure import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
 from zar.models import build_model
 
 from helpers import TINY, all_runs, invoke, leave_store, runs_of, use_store

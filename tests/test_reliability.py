@@ -237,8 +237,8 @@ def test_any_bad_params_file_is_one_line_exit_2_and_no_run(store, zar, tmp_path,
 
 def test_a_new_run_carries_its_process_tags_from_the_start(store):
     """A process that dies between creating its run and taking charge of it leaves a run --stale finds."""
-    from zar.tracking import runs as run_life
     from zar import tracking
+    from zar.tracking import runs as run_life
 
     run = run_life.start("zar", "bare")
     try:

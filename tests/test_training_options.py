@@ -18,8 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
 from torch.utils.data import DataLoader
 
-from zar import engine
-from zar import training
+from zar import engine, training
 from zar.config import ConfigError, TrainConfig, load_config
 from zar.data import IMAGENET_MEAN, IMAGENET_STD, load_data
 from zar.engine import (

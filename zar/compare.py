@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from scipy import stats
 
 from . import tracking
-from .tracking import runs
 from .config import FIELD_TYPES, TrainConfig
 from .errors import ZarError
+from .tracking import runs
 from .variants import VARIANTS
 
 DEFAULT_BASELINE = "resnet"

@@ -22,10 +22,10 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import tracking
-from .tracking import runs
 from .ablation import Child
 from .config import to_yaml
 from .errors import Interrupted
+from .tracking import runs
 
 GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
 

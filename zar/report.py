@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from . import compare, plots, tracking
-from .tracking import runs
 from .errors import ZarError
+from .tracking import runs
 from .tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
 
 FORMATS = ("html", "markdown")

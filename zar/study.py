@@ -10,14 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import ablation, compare, parallel, plots, tracking
-from .tracking import runs
-from . import training
+from . import ablation, compare, parallel, plots, tracking, training
 from .ablation import Child
 from .checks import check_study
 from .config import TrainConfig
 from .data import DataBundle, load_data
 from .errors import Interrupted, TrainingFailed, describe
+from .tracking import runs
 
 # Config keys that never change the data a run trains on: children that differ only in these share
 # one loaded dataset. Any other key (a new one too) gets its own load, which is slower, never wrong.

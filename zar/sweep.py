@@ -28,15 +28,14 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from . import compare, tracking, trials
-from .tracking import runs
-from . import training
+from . import compare, tracking, training, trials
 from .config import ConfigError, TrainConfig
 from .data import load_data
 from .errors import Interrupted, Pruned, ZarError, describe
 from .space import Dim, as_dict, check_method, dims_for, grid, suggest
-from .tracking.store import redact
 from .study import data_key
+from .tracking import runs
+from .tracking.store import redact
 
 TAG_STORAGE = "zar.optuna_storage"  # on the parent from its creation: a worker joins only the same storage
 FAILED_ATTR = "zar.failed"  # on an Optuna trial that failed by itself (not interrupted): it counts

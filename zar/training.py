@@ -25,14 +25,13 @@ from torch.utils.data import Subset
 from torch.utils.serialization import config as serialization_config
 
 from . import distributed, plots, tracking
-from .tracking import provenance, runs
 from .checks import BUILT_IN_DATA, known_model
 from .config import TrainConfig, from_dict, to_yaml
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
 from .errors import Pruned, TrainingFailed, ZarError, clip, describe
 from .models import build_model, count_params
-from .tracking import FINISHED, RUNNING
+from .tracking import FINISHED, RUNNING, provenance, runs
 
 # The training images evaluated like the validation set after each epoch: as many as it has, at most this.
 TRAIN_EVAL_MAX = 5000

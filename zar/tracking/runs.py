@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import psutil
 
-from . import client
 from ..errors import Interrupted, Pruned, TrainingFailed, describe
+from . import client
 from .client import FAILED, FINISHED, KILLED, RUNNING
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
