@@ -76,7 +76,7 @@ OVERHEAD = {
         "log_metrics",
         "end_run",
     ],
-    "zar.training": ["save_checkpoint", "log_datasets", "log_results"],
+    "zar.recording": ["save_checkpoint", "log_datasets", "log_results"],
 }
 
 

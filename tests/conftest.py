@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from zar import training
+from zar import recording
 
 from helpers import TINY, invoke, leave_store, runs_of, use_store
 
@@ -108,16 +108,16 @@ def study(tmp_path_factory, empty_store) -> Study:
 def failed_study(tmp_path_factory, empty_store) -> Study:
     """``zar study`` over plain and resnet where plain's run fails after its epoch (its results cannot be saved)."""
     folder, uri = new_store(tmp_path_factory, empty_store, "failed")
-    log_results = training.log_results
+    log_results = recording.log_results
 
-    def failing_for_plain(job):
-        if job.model_name == "plain":
+    def failing_for_plain(prepared, *rest):
+        if prepared.model_name == "plain":
             raise OSError(28, "No space left on device")
-        return log_results(job)
+        return log_results(prepared, *rest)
 
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, folder, uri)
-        mp.setattr(training, "log_results", failing_for_plain)
+        mp.setattr(recording, "log_results", failing_for_plain)
         try:
             result = invoke("study", "--models", "plain,resnet", "--seeds", "1", *TINY)
             parent_id = study_parent().info.run_id

@@ -422,7 +422,7 @@ def test_credentials_in_the_tracking_uri_go_as_basic_auth_and_never_show(tmp_pat
 
 def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, monkeypatch):
     """The order that leaves the previous checkpoint whole if power fails at any point."""
-    from zar import training
+    from zar import recording
 
     events = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -438,7 +438,7 @@ def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, mo
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     path = tmp_path / "checkpoints" / "last.pt"
-    training.save_checkpoint(path, {"epoch": 1})
+    recording.save_checkpoint(path, {"epoch": 1})
     assert events == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "folder")]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left

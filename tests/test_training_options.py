@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
 from torch.utils.data import DataLoader
 
-from zar import engine, training
+from zar import engine, recording
 from zar.config import ConfigError, TrainConfig, load_config
 from zar.data import IMAGENET_MEAN, IMAGENET_STD, load_data
 from zar.engine import (
@@ -395,15 +395,15 @@ def test_zar_train_refuses_bad_option_values_in_one_line(store, zar, args, messa
 def test_zar_train_with_the_options_records_them_and_resumes_a_run_that_stopped_early(store, zar, monkeypatch):
     """Early stopping ends the run; a crash while its results are saved leaves a checkpoint that
     a resume finishes from, training nothing more; then the run is FINISHED, nothing left to resume."""
-    log_results = training.log_results
+    log_results = recording.log_results
     crashes = iter([True])
 
-    def crash_once(job):
+    def crash_once(*args):
         if next(crashes, False):
             raise OSError(28, "No space left on device")
-        return log_results(job)
+        return log_results(*args)
 
-    monkeypatch.setattr(training, "log_results", crash_once)
+    monkeypatch.setattr(recording, "log_results", crash_once)
     options = ["--scheduler", "cosine", "--warmup-epochs", "1", "--early-stop-patience", "1"]
     options += ["--label-smoothing", "0.1", "--mixup", "0.2"]
     failed = zar("train", "--model", "resnet", *epochs(6), *options)

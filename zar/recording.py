@@ -1,0 +1,204 @@
+"""What MLflow keeps of one training run: its setup, each epoch, and the results at the end.
+
+A ``Recorder`` is made once its run exists, and owns what belongs to that run: its id, its
+checkpoint, the per-epoch metrics (each epoch checkpointed first, then logged), and at the end
+the summary, confusion matrix, report, curves and the two models. zar.training decides when
+each happens; the engine that trains knows nothing of any of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+from torch.utils.serialization import config as serialization_config
+
+from . import distributed, plots, tracking
+from .checks import BUILT_IN_DATA
+from .config import TrainConfig, to_yaml
+from .data import DataBundle
+from .engine import EpochResult, Trainer
+from .errors import ZarError, clip
+from .models import count_params
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What one run trains, on what and where: everything a mistake can be found in before a run exists.
+
+    The model is not here: it is built inside the run (zar.training.build_trainer), so that a
+    model that fails to build fails its run rather than leaving none.
+    """
+
+    model_name: str
+    display: str  # e.g. "SE-ResNet-34 (r=4)"
+    cfg: TrainConfig  # with the precision that will run in place of 'auto'
+    device: torch.device
+    data: DataBundle
+
+
+@dataclass(frozen=True)
+class Recorder:
+    """One training run in MLflow, from the moment it exists."""
+
+    run_id: str
+    experiment_id: str
+    artifact_uri: str
+    ckpt: Path
+
+    @classmethod
+    def of(cls, run) -> Recorder:
+        # Always the run's own location, never the checkpoint tag: a tag on a shared server must not
+        # point zar at a file to read or delete.
+        return cls(run.info.run_id, run.info.experiment_id, run.info.artifact_uri, tracking.checkpoint_path(run))
+
+    def setup(self, prepared: Prepared) -> None:
+        """A new run's params, then proof that its checkpoint folder and artifact store take files,
+        then its datasets: a run that cannot keep its results fails before its first epoch."""
+        cfg, data, world = prepared.cfg, prepared.data, distributed.world_size()
+        tracking.log_params(
+            self.run_id,
+            {
+                **cfg.to_dict(),
+                "model": prepared.model_name,
+                "dataset": data.name,
+                "num_classes": len(data.classes),
+                "world_size": world,  # processes training together (torchrun); batch_size is per process
+                "global_batch_size": cfg.batch_size * world,
+            },
+        )
+        self.check_writable(cfg)
+        log_datasets(data)
+
+    def check_writable(self, cfg: TrainConfig) -> None:
+        """Fail now, not after the first epoch: the checkpoint folder takes a file, the artifact store
+        takes the run's config (logged first for that reason)."""
+        folder = self.ckpt.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+                pass
+        except OSError as e:
+            raise ZarError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+        try:
+            tracking.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+        except Exception as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ZarError(f"cannot write to the run's artifact store {self.artifact_uri}: {clip(reason)}") from None
+
+    def model_size(self, model: torch.nn.Module) -> None:
+        tracking.log_metrics(self.run_id, count_params(model))
+
+    def backfill(self, trainer: Trainer) -> None:
+        """After a resume: the epochs the checkpoint holds that MLflow lacks (the process may have died
+        between checkpointing an epoch and logging it)."""
+        logged = {step for step, _ in tracking.metric_history(self.run_id, "val_acc")}
+        for result in trainer.history:
+            if result.epoch not in logged:
+                tracking.log_metrics(self.run_id, result.metrics(), step=result.epoch)
+
+    def epoch(self, prepared: Prepared, trainer: Trainer, result: EpochResult) -> None:
+        """Checkpoint, then log: a run that dies between the two is resumed with the epoch logged then."""
+        save_checkpoint(
+            self.ckpt, {**trainer.state_dict(), "config": prepared.cfg.to_dict(), "model_name": prepared.model_name}
+        )
+        tracking.log_metrics(self.run_id, result.metrics(), step=result.epoch)
+
+    def finish(self, prepared: Prepared, trainer: Trainer) -> dict[str, float]:
+        """The summary metrics and results; then the checkpoint goes, as the logged model supersedes it."""
+        summary = trainer.summary()
+        tracking.log_metrics(self.run_id, summary)
+        log_results(prepared, trainer, self.run_id)
+        self.drop_checkpoint()
+        return summary
+
+    def drop_checkpoint(self) -> None:
+        with contextlib.suppress(OSError):
+            self.ckpt.unlink()
+            self.ckpt.parent.rmdir()
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write, fsync, rename, fsync the folder: a crash or power loss leaves the previous checkpoint whole.
+
+    No CRC32 over the 255 MB of a ResNet-34 checkpoint: it doubled the write time, and a torn
+    write cannot happen once the file is synced before it replaces the last one.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with serialization_config.patch({"save.compute_crc32": False}), open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def log_datasets(data: DataBundle) -> None:
+    """The train and validation splits as MLflow datasets of sample ids and class names."""
+    from_code = data.name in BUILT_IN_DATA and not Path(data.source).exists()
+    tracking.log_datasets(
+        data.source,
+        from_code,
+        [
+            ("train", f"{data.name}-train", data.train_ids, [data.classes[y] for y in data.train_labels]),
+            ("validation", f"{data.name}-validation", data.val_ids, [data.classes[y] for y in data.val_labels]),
+        ],
+    )
+
+
+def log_results(prepared: Prepared, trainer: Trainer, run_id: str) -> None:
+    """What a person opens after training: confusion matrix, report, curves, and the models."""
+    data, display = prepared.data, prepared.display
+    final = trainer.evaluate()
+    labels = list(range(len(data.classes)))
+    cm = confusion_matrix(final.y_true, final.y_pred, labels=labels)
+    report = classification_report(
+        final.y_true, final.y_pred, labels=labels, target_names=data.classes, output_dict=True, zero_division=0
+    )
+    history = [{"epoch": r.epoch, **r.metrics()} for r in trainer.history]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / "confusion_matrix.json").write_text(json.dumps({"labels": data.classes, "matrix": cm.tolist()}))
+        (out / "classification_report.json").write_text(json.dumps(report, indent=2))
+        if data.skipped:
+            (out / "skipped_images.txt").write_text("\n".join(data.skipped) + "\n")
+        plots.confusion_matrix(
+            cm, data.classes, f"{display}: validation confusion matrix", out / "confusion_matrix.png"
+        )
+        plots.curve(history, "acc", f"{display}: accuracy", out / "acc_curve.png")
+        plots.curve(history, "loss", f"{display}: loss", out / "loss_curve.png")
+        tracking.log_artifacts(run_id, tmp)
+    log_models(prepared, trainer, run_id)
+
+
+def log_models(prepared: Prepared, trainer: Trainer, run_id: str) -> None:
+    """The final model ('model') and the best epoch's ('best'), each with the metrics measured on it.
+
+    The best epoch is chosen on the validation set, so 'best' is what an optimistic
+    ``zar compare --select best`` row stands for; the final model is what the default row is.
+    """
+    data = prepared.data
+    example = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
+    if len(example) < 2:  # torch.export fixes a batch size of one; two keeps it free
+        example = example.repeat(2, 1, 1, 1)
+    example = example.numpy().astype(np.float32)
+    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
+    model = trainer.model.eval().to("cpu")
+    last, best = trainer.history[-1], trainer.history[trainer.best_epoch - 1]
+    for name, state, result in (("model", None, last), ("best", trainer.best_state, best)):
+        if state is not None:
+            model.load_state_dict(state)
+        # MLflow links the run's metrics of that step (epoch) to the model: its page shows them.
+        tracking.log_model(model, name, result.epoch, example, requirements)
