@@ -190,19 +190,14 @@ def start_run(
     tags: dict[str, str] | None = None,
     system_metrics: bool = False,
 ):
-    """Start a run, or continue ``run_id``; under ``mlflow run`` (and outside a study) adopt its run.
+    """Start a run, or continue ``run_id`` (a stopped run, or the one ``mlflow run`` made).
 
     ``system_metrics``: MLflow samples CPU, memory (and GPU where pynvml finds one) while the run is open.
 
     ``parent_run_id`` names a parent held by another process (``zar study --jobs``). ``tags`` are
     set as the run is created or reopened, in the same call.
-
-    MLflow clears MLFLOW_RUN_ID only when it reads the variable itself; left set, a nested
-    child would reopen the adopted run, and a late error would be blamed on an unadopted run.
     """
-    if run_id is None and not nested:
-        run_id = os.environ.get("MLFLOW_RUN_ID")
-    run = mlflow.start_run(
+    return mlflow.start_run(
         run_id=run_id,
         experiment_id=None if run_id else experiment_id,
         run_name=None if run_id else run_name,
@@ -211,9 +206,6 @@ def start_run(
         tags=tags,
         log_system_metrics=system_metrics,
     )
-    if run.info.run_id == os.environ.get("MLFLOW_RUN_ID"):
-        del os.environ["MLFLOW_RUN_ID"]
-    return run
 
 
 @_retry_locked

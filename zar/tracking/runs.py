@@ -1,8 +1,9 @@
 """A run's life, start to end: the one place a run is started, adopted, tagged and closed.
 
 ``start`` opens a new run, a nested one (a study's child, in this process or another) or adopts
-the run ``mlflow run`` made (``MLFLOW_RUN_ID``); ``reopen`` continues a stopped one. ``closing``
-then guarantees the end: FINISHED on success, FAILED with the reason as the ``zar.error`` tag,
+the run ``mlflow run`` made (``MLFLOW_RUN_ID``: ``env_run_id``, ``in_env_run``); ``reopen``
+continues a stopped one; ``find_or_start_parent`` finds a study's or sweep's parent by its key,
+or starts it. ``closing`` then guarantees the end: FINISHED on success, FAILED with the reason as the ``zar.error`` tag,
 KILLED on SIGINT, SIGTERM or SIGHUP (or when a sweep's pruner stops it), so that no run is ever
 left RUNNING by a process that lived to close it. Runs whose process died without closing them are found here too.
 """
@@ -22,6 +23,12 @@ from . import client
 from .client import FAILED, FINISHED, KILLED, RUNNING
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ENV_RUN_ID = "MLFLOW_RUN_ID"  # set by 'mlflow run' to the run it created for this command
+
+
+def env_run_id() -> str | None:
+    """The run ``mlflow run`` made for this process and zar has not adopted yet, if any."""
+    return os.environ.get(ENV_RUN_ID) or None
 
 
 def start(
@@ -37,11 +44,12 @@ def start(
     the run itself, as the process tags do."""
     active = client.active_run()
     nested = active is not None or parent_run_id is not None
+    adopted = None if nested else env_run_id()
     if parent_run_id:
         experiment_id = client.get_run(parent_run_id).info.experiment_id
     elif nested:
         experiment_id = active.info.experiment_id
-    elif os.environ.get("MLFLOW_RUN_ID"):  # 'mlflow run' made the run, in its experiment
+    elif adopted:  # 'mlflow run' made the run, in its experiment
         experiment_id = None
     else:
         experiment_id = client.get_experiment_id(experiment)
@@ -51,14 +59,67 @@ def start(
         experiment_id,
         run_name,
         nested,
+        run_id=adopted,
         parent_run_id=parent_run_id,
         tags={**(tags or {}), **process_tags()},
         system_metrics=system_metrics,
     )
+    # MLflow clears the variable only when it reads it itself; left set, a nested child would
+    # reopen the adopted run, and a late error would be blamed on an unadopted run.
+    if adopted:
+        del os.environ[ENV_RUN_ID]
     # The runs-table link opens with zar's columns (a study's parent saves them for its children).
     if not nested:
         client.share_study_view(run.info.experiment_id)
     return run
+
+
+@contextlib.contextmanager
+def in_env_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[str | None]:
+    """Under ``mlflow run -e compare`` (report, bench), the run MLflow made, adopted and closed around
+    the block, which keeps the command's output in it; the block gets None when there is no such run."""
+    if not env_run_id():
+        yield None
+        return
+    run = start(client.DEFAULT_EXPERIMENT, run_name)
+    with closing(run.info.run_id, {client.TAG_RUN_NAME: run_name, **(tags or {})}):
+        yield run.info.run_id
+
+
+def find_or_start_parent(experiment: str, run_name: str, key_tag: str, key: str, tags: dict[str, str]):
+    """The parent run of a study or sweep whose settings hash to ``key``, and who holds it.
+
+    (run, None) when this process holds it: an earlier attempt's run, reopened, or a new one (under
+    ``mlflow run``, the run it made). (run, holder) when a live process holds it, here or on another
+    machine: ``holder`` names it, and the caller may join it. Two processes that start the same
+    parent at once both see the earlier run as the parent; the later one's is discarded.
+    """
+    if env_run_id():
+        return start(experiment, run_name), None
+    found = _parents(experiment, key_tag, key)
+    if not found:
+        run = start(experiment, run_name, tags={key_tag: key, **tags})
+        first = _parents(experiment, key_tag, key)[0]
+        if first.info.run_id == run.info.run_id:
+            return run, None
+        discard(run.info.run_id)
+        found = [first]
+    run = found[0]
+    held_by = run.data.tags
+    if run.info.status == RUNNING and process_alive(held_by) is not False:
+        return run, f"process {held_by.get(client.TAG_PID, '?')} on {held_by.get(client.TAG_HOST, '?')}"
+    return reopen(run.info.run_id), None
+
+
+def _parents(experiment: str, key_tag: str, key: str) -> list:
+    """The top-level runs tagged ``key_tag = key`` (one, but for a moment when two start at once), earliest first."""
+    experiment_id = client.get_experiment_id(experiment)
+    found = [
+        r
+        for r in client.search_runs(experiment_id, f"tags.`{key_tag}` = '{key}'")
+        if client.TAG_PARENT not in r.data.tags
+    ]
+    return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
 
 def discard(run_id: str) -> None:
@@ -138,7 +199,7 @@ def end(run_id: str, status: str, reason: str | None = None) -> None:
 
 def fail_env_run(reason: str) -> None:
     """Under ``mlflow run`` the run exists before zar starts: an error before zar adopted it still closes it."""
-    run_id = os.environ.get("MLFLOW_RUN_ID")
+    run_id = env_run_id()
     if run_id:
         try:
             client.end_run(run_id, FAILED, reason)
