@@ -1,3 +1,4 @@
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -5,7 +6,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zar.config import FIELD_TYPES, ConfigError, TrainConfig, from_dict, load_config
+from zar.config import DATA_KEYS, FIELD_TYPES, NOT_SEARCHED, ConfigError, TrainConfig, from_dict, load_config
+from zar.data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,3 +107,37 @@ def test_errors_quote_at_most_about_200_characters_of_input(tmp_path):
         load_config(path)
     assert "config key 'optimizer'" in err.value.message and len(err.value.message) < 400
     assert "(100002 chars)" in err.value.message
+
+
+# --- what each key is -------------------------------------------------------------------------------
+
+
+def test_every_key_a_sweep_may_not_search_says_why_and_every_data_seed_and_runtime_key_is_one():
+    from zar.config import DATA, ROLE, RUNTIME, SEED
+
+    for name, role in ROLE.items():
+        if role in (DATA, SEED, RUNTIME):
+            assert NOT_SEARCHED.get(name), f"{name} ({role}) needs the reason a sweep may not search it"
+    assert set(NOT_SEARCHED) <= set(ROLE)
+
+
+def test_only_data_keys_change_the_loaded_data():
+    """A study shares one load between children that differ only in other keys: that must be safe."""
+    base = TrainConfig(data="synthetic", image_size=16, scheduler="cosine", epochs=3)
+    loaded = load_data(base)
+    for f in fields(TrainConfig):
+        value = getattr(base, f.name)
+        if f.metadata["choices"]:
+            changed = next(c for c in f.metadata["choices"] if c != value)
+        elif f.type == "str":
+            changed = "digits"  # data, the one free-text key
+        elif f.type == "bool":
+            changed = not value
+        else:
+            changed = value + 1 if f.type == "int" else (value / 2 or 0.1)
+        again = load_data(base.replace(**{f.name: changed}))
+        same = (again.fingerprint, again.data_fingerprint) == (loaded.fingerprint, loaded.data_fingerprint)
+        if f.name not in DATA_KEYS:
+            assert same, f"changing {f.name} changed the data: declare it with role=DATA"
+        elif f.name != "skip_bad_images":  # the synthetic data has no bad image to skip
+            assert not same, f"{f.name} is declared a data key, yet changing it left the data as it was"

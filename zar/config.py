@@ -204,10 +204,10 @@ def _as_float(value: Any) -> Any:
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 ROLE = {f.name: f.metadata["role"] for f in fields(TrainConfig)}
-DATA_KEYS = tuple(
-    k for k, role in ROLE.items() if role == DATA
-)  # what zar.data reads: children that share them share a load
-MATCHED_KEYS = tuple(k for k, role in ROLE.items() if role in (DATA, TRAINING))  # runs of one table row agree on these
+# What zar.data reads: a study's children that agree on these share one load (tests/test_config.py checks).
+DATA_KEYS = tuple(k for k, role in ROLE.items() if role == DATA)
+# What the runs of one table row must agree on (zar.analysis.table guards it).
+MATCHED_KEYS = tuple(k for k, role in ROLE.items() if role in (DATA, TRAINING))
 # The keys a sweep may not search, and why (zar.space says it when a search space names one).
 NOT_SEARCHED = {
     f.name: f.metadata["not_searched"] for f in fields(TrainConfig) if f.metadata["not_searched"] is not None

@@ -21,21 +21,12 @@ from typing import Any
 
 import yaml
 
-from .config import FIELD_TYPES, ConfigError, TrainConfig
+from .config import FIELD_TYPES, NOT_SEARCHED, ConfigError, TrainConfig
 from .errors import clip, quote
 from .variants import VARIANTS
 
 KINDS = ("log_uniform", "uniform", "int", "choice")
 METHODS = ("tpe", "grid")  # Optuna's TPESampler and GridSampler
-NOT_SEARCHED = {
-    "seed": "the trials share one seed; pass --seeds to train the best configurations with several",
-    "split_seed": "every trial must validate on the same images",
-    "data": "every trial must train on the same data",
-    "val_ratio": "every trial must validate on the same images",
-    "image_size": "every trial must train on the same data",
-    "device": "it changes where a trial runs, not what it learns",
-    "workers": "it changes how fast a trial loads data, not what it learns",
-}
 # Keys that change only some architectures: the others' studies leave them out.
 APPLIES = {"se_reduction": lambda variant: variant.attn == "se"}
 
