@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from zar.analysis.render import COLUMNS
 from zar.cli import cli
-from zar.compare import COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = "| " + " | ".join(COLUMNS) + " |"  # of zar compare's Markdown table

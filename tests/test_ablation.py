@@ -9,7 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from zar.ablation import children, combinations, describe, parse_vary
-from zar.compare import RunRow, build_table, check_comparable, render
+from zar.analysis.fetch import RunRow
+from zar.analysis.grouping import check_comparable
+from zar.analysis.render import render
+from zar.analysis.table import build_table
 from zar.config import ConfigError, TrainConfig
 from zar.errors import ZarError
 from zar.variants import VARIANTS

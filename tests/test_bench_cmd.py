@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from torch import nn
 
 import zar.measure
-from zar.compare import BENCH_COLUMNS
+from zar.analysis.render import BENCH_COLUMNS
 from zar.measure import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
 from zar.models import build_model
 

@@ -11,7 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from zar.compare import COLUMNS, RunRow, build_table, differing_hparams, render, repeated_seeds
+from zar.analysis.fetch import RunRow
+from zar.analysis.grouping import differing_hparams, repeated_seeds
+from zar.analysis.render import COLUMNS, render
+from zar.analysis.table import build_table
 from zar.errors import ZarError
 
 from helpers import HEADER, children, invoke

@@ -16,18 +16,11 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from scipy import stats
 
-from zar.compare import (
-    COLUMNS,
-    RunRow,
-    build_table,
-    check_comparable,
-    columns,
-    fetch_runs,
-    holm,
-    render,
-    repeated_seeds,
-    welch,
-)
+from zar.analysis.fetch import RunRow, fetch_runs
+from zar.analysis.grouping import check_comparable, repeated_seeds
+from zar.analysis.render import COLUMNS, columns, render
+from zar.analysis.stats import holm, welch
+from zar.analysis.table import build_table
 from zar.errors import ZarError
 from zar.variants import VARIANTS
 

@@ -16,10 +16,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 import zar.sweep as sweep_module
+from zar.analysis.trials import BestTrial, BestTrials
 from zar.config import TrainConfig, load_config
 from zar.space import dims_for, load_space, parse_space
 from zar.sweep import grid_points
-from zar.trials import BestTrial, BestTrials
 
 from helpers import ROOT, TINY, children, default_sigint, epochs, invoke, runs_of, zar_subprocess
 

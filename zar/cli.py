@@ -24,7 +24,7 @@ from .variants import DEPTHS, VARIANTS
 # costs no wait.
 
 CLICK_TYPES = {"int": click.INT, "float": click.FLOAT, "str": click.STRING}
-DEFAULT_BASELINE = "resnet"  # zar.compare's, which loads MLflow
+DEFAULT_BASELINE = "resnet"  # zar.analysis.table's, which loads MLflow
 
 
 def config_options(fn):
@@ -354,7 +354,7 @@ def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cf
         click.echo(f"{len(result.failures)} trials or runs failed: " + "; ".join(result.failures), err=True)
 
 
-@cli.command(name="compare")
+@cli.command()
 @experiment_option
 @click.option("--parent", metavar="RUN_ID", help="Only the child runs of this study run.")
 @click.option(
@@ -399,7 +399,7 @@ def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cf
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write the table to this file.")
 @click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
-def compare_cmd(
+def compare(
     experiment,
     parent,
     filter_string,
@@ -432,27 +432,29 @@ def compare_cmd(
     if select == "best-trial" and not parent:
         raise click.UsageError("--select best-trial needs --parent SWEEP_RUN_ID")
     probe_server()  # before MLflow loads: a dead server is reported in a second
-    from . import compare, trials
+    from .analysis import trials
+    from .analysis.comparison import comparison, keep_in_env_run
+    from .analysis.render import render
 
     if select == "best-trial":
         text = trials.render(trials.fetch_best(experiment, parent), fmt)
         _emit(text, output)
         return
-    found = compare.comparison(
+    found = comparison(
         experiment, parent, filter_string, baseline, group_by, baseline_value, with_bench, select,
         include_unfinished, strict,
     )  # fmt: skip
     for warning in found.warnings:
         click.echo(f"Warning: {warning}", err=True)
     table = found.table
-    text = compare.render(table, fmt)
+    text = render(table, fmt)
     usage = found.usage
     if fmt == "markdown":
         text += f"\n{usage}\n"
     else:
         click.echo(usage, err=True)
     _emit(text, output)
-    compare.keep_in_env_run(text, fmt)
+    keep_in_env_run(text, fmt)
 
 
 @cli.command()
@@ -487,16 +489,17 @@ def report(experiment, parent, filter_string, fmt, output, title):
     if not output.parent.is_dir():  # the html file's folder, or the markdown folder's parent
         raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
     probe_server()
-    from . import compare
-    from . import report as reporting
+    from .analysis.comparison import comparison
+    from .analysis.fetch import fetch_bench
+    from .analysis.report import keep_in_env_run, write_report
 
-    tracking_bench = bool(compare.fetch_bench(experiment))
-    found = compare.comparison(experiment, parent, filter_string, with_bench=tracking_bench)
+    with_bench = bool(fetch_bench(experiment))
+    found = comparison(experiment, parent, filter_string, with_bench=with_bench)
     for warning in found.warnings:
         click.echo(f"Warning: {warning}", err=True)
-    path = reporting.write(found, output, fmt, title)
+    path = write_report(found, output, fmt, title)
     click.echo(f"Report: {path.resolve()}")
-    reporting.keep_in_env_run(path)
+    keep_in_env_run(path)
 
 
 def _emit(text: str, output: str | None) -> None:

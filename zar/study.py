@@ -3,15 +3,13 @@ ablation, per combination of the varied values: zar.ablation), one table grouped
 
 from __future__ import annotations
 
-import math
-import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import ablation, compare, parallel, plots, tracking, training
+from . import ablation, parallel, tracking, training
 from .ablation import Child
+from .analysis.study_table import log_report, log_table
+from .analysis.table import DEFAULT_BASELINE, TableRow
 from .checks import check_study
 from .config import TrainConfig
 from .data import DataBundle, load_data
@@ -30,7 +28,7 @@ TRAINING_ONLY = {
 class StudyResult:
     run_id: str
     experiment_id: str
-    table: list[compare.TableRow]
+    table: list[TableRow]
     failures: list[str]
 
 
@@ -74,10 +72,10 @@ def run_study(
             failures = parallel.train_children(kids, run_id, experiment, jobs, echo)
         else:
             failures = _train_in_process(kids, experiment, progress, echo, data)
-        table = _report(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
+        table = log_table(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
             try:
-                _write_report(parent, table, echo)
+                log_report(parent, table, echo)
             except Exception as e:  # the runs and the table are recorded: a page that fails must not fail them
                 echo(f"Report not written: {describe(e)}; 'zar report --parent {run_id}' tries again")
         if failures:
@@ -87,7 +85,7 @@ def run_study(
 
 def default_baseline(models: list[str]) -> str:
     """What a study compares to when not told: resnet if it trains, else (for checks) its first model."""
-    return compare.DEFAULT_BASELINE if compare.DEFAULT_BASELINE in models else models[0]
+    return DEFAULT_BASELINE if DEFAULT_BASELINE in models else models[0]
 
 
 def data_key(cfg: TrainConfig) -> tuple:
@@ -106,83 +104,3 @@ def _train_in_process(kids: list[Child], experiment, progress, echo, data: dict[
             failures.append(f"{kid.label}: {message}")
             echo(f"{kid.label} failed: {message}")
     return failures
-
-
-def _report(
-    run_id: str, experiment_id: str, models: list[str], baseline: str | None, echo, group_by: list[str] = ()
-) -> list[compare.TableRow]:
-    """The table from what MLflow recorded (as ``zar compare --group-by`` would read it), saved in the parent run."""
-    experiment = tracking.experiment_name(experiment_id)
-    fetched = compare.fetch_runs(experiment, parent=run_id)
-    if not fetched.rows:
-        return []
-    finished = {r.model for r in fetched.rows}
-    base = baseline
-    if baseline is not None and baseline not in finished:
-        base = next((m for m in models if m in finished), min(finished))
-        echo(f"No {baseline} run finished: the table compares to {base} instead.")
-    table = compare.build_table(fetched.rows, base, group_by=group_by)
-    markdown = compare.render(table, "markdown")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp)
-        usage = compare.describe_usage(len(fetched.rows), fetched.left_out)
-        (out / "comparison.md").write_text(f"{markdown}\n{usage}\n")
-        (out / "comparison.csv").write_text(compare.render(table, "csv"))
-        labels = {r.run_id: compare.run_label(r, group_by) for r in fetched.rows}
-        several_seeds = len(fetched.rows) > len(set(labels.values()))
-        series = {
-            (f"{labels[r.run_id]} seed {r.seed}" if several_seeds else labels[r.run_id]): [
-                {"epoch": step, "val_acc": value} for step, value in tracking.metric_history(r.run_id, "val_acc")
-            ]
-            for r in fetched.rows
-        }
-        plots.val_acc_per_epoch(series, out / "val_acc_per_epoch.png")
-        plots.final_val_acc_bars(
-            [r.name for r in table],
-            [r.val_acc_mean for r in table],
-            [r.val_acc_std if r.val_acc_std is not None else 0.0 for r in table],
-            out / "final_val_acc.png",
-        )
-        tracking.log_artifacts(run_id, tmp)
-    tracking.log_metrics(run_id, table_metrics(table))
-    echo("")
-    echo(markdown)
-    echo(compare.describe_usage(len(fetched.rows), fetched.left_out))
-    return table
-
-
-def _write_report(parent, table: list[compare.TableRow], echo) -> None:
-    """The study as one page (zar.report), kept in the parent run as report.html."""
-    from . import report
-
-    run_id = parent.info.run_id
-    base = next((r.model for r in table if r.is_baseline), None)
-    found = compare.comparison(tracking.experiment_name(parent.info.experiment_id), run_id, baseline=base)
-    with tempfile.TemporaryDirectory() as tmp:
-        report.write(found, Path(tmp) / "report.html", "html", title=f"Study run {run_id}")
-        tracking.log_artifacts(run_id, tmp)
-    folder = tracking.local_artifact_dir(parent)
-    where = folder / "report.html" if folder else f"report.html among the artifacts of run {run_id}"
-    echo(f"Report: {where}")
-
-
-def table_metrics(table: list[compare.TableRow]) -> dict[str, float]:
-    """The table's numbers as the parent run's metrics (``val_acc_mean.se_mish``), so that the runs
-    table and the Compare view show them, not only the artifacts. Accuracies in percent, as printed."""
-    out = {}
-    by_model = len({row.model for row in table}) == len(table)  # else rows differ in settings too
-    # An ablation's rows by model and varied values (val_acc_mean.se.se_reduction_4), else by their names.
-    grouped = [row.model + "".join(f".{k}_{v}" for k, v in row.group.items()) for row in table]
-    by_group = any(row.group for row in table) and len(set(grouped)) == len(table)
-    for row, group_name in zip(table, grouped):
-        values = {
-            "val_acc_mean": row.val_acc_mean,
-            "val_acc_std": row.val_acc_std,
-            "train_eval_acc_mean": row.train_eval_acc_mean,
-            "val_acc_vs_baseline": row.val_acc_vs_baseline,
-            "runs": row.runs,
-        }
-        name = row.model if by_model else group_name if by_group else row.name
-        name = re.sub(r"[^\w./ -]+", "_", name)  # what MLflow keys may hold
-        out.update({f"{key}.{name}": v for key, v in values.items() if v is not None and math.isfinite(v)})
-    return out

@@ -28,7 +28,10 @@ from dataclasses import dataclass, field
 import optuna
 from optuna.trial import TrialState
 
-from . import compare, tracking, training, trials
+from . import tracking, training
+from .analysis import trials
+from .analysis.render import render
+from .analysis.table import Table
 from .config import ConfigError, TrainConfig
 from .data import load_data
 from .errors import Interrupted, Pruned, ZarError, describe
@@ -79,7 +82,7 @@ class SweepResult:
     run_id: str
     experiment_id: str
     best: trials.BestTrials | None  # None for a worker that joined another process's sweep
-    reruns: compare.Table | None
+    reruns: Table | None
     failures: list[str]
 
 
@@ -405,14 +408,14 @@ def _rerun_best(spec, cfg, best: trials.BestTrials, studies: dict, data: dict, p
     return failures
 
 
-def _report_reruns(spec: SweepSpec, run_id: str, echo) -> compare.Table | None:
+def _report_reruns(spec: SweepSpec, run_id: str, echo) -> Table | None:
     """The --seeds runs' table, each architecture at its own best configuration, kept in the parent."""
     table = trials.rerun_table(spec.experiment, run_id)
     if table is None:
         return None
-    markdown = compare.render(table, "markdown")
+    markdown = render(table, "markdown")
     tracking.log_text(run_id, markdown + "\n", "best_configs_seeds.md")
-    tracking.log_text(run_id, compare.render(table, "csv"), "best_configs_seeds.csv")
+    tracking.log_text(run_id, render(table, "csv"), "best_configs_seeds.csv")
     echo("")
     echo(markdown)
     return table

@@ -16,13 +16,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import compare, tracking
-from .errors import ZarError
-from .space import applies
-from .variants import VARIANTS
+from .. import tracking
+from ..errors import ZarError
+from ..space import applies
+from ..variants import VARIANTS
+from .fetch import Parent, describe_parent, fetch_runs
+from .table import Table, build_table
 
 FORMATS = ("markdown", "csv", "json")
-TAG_RERUN_OF = tracking.TAG_RERUN_OF
 
 
 @dataclass
@@ -71,30 +72,19 @@ class BestTrials:
         return notes
 
 
-def parent_sweep(parent_run_id: str):
+def parent_sweep(parent_run_id: str) -> Parent:
     """The sweep's parent run; a run that is not one is a one-line error."""
-    run = tracking.get_run(parent_run_id)
-    if run.data.tags.get(tracking.TAG_SWEEP) != "1":
+    parent = describe_parent(parent_run_id)
+    if parent.missing is not None:
+        raise parent.missing
+    if not parent.is_sweep:
         raise ZarError(f"run {parent_run_id} is not a zar sweep; --select best-trial reads a sweep's parent run")
-    return run
-
-
-def sweep_keys(parent_run_id: str) -> list[str] | None:
-    """The settings a sweep's --seeds runs take from their best trial (None: not a sweep)."""
-    tracking.check_reachable(create=False)
-    try:
-        run = tracking.get_run(parent_run_id)
-    except ZarError:  # no such run: the search for its children says so, naming the experiment
-        return None
-    if run.data.tags.get(tracking.TAG_SWEEP) != "1":
-        return None
-    return [k for k in json.loads(run.data.params.get("space", "{}")) if k in compare.GUARDED]
+    return parent
 
 
 def fetch_best(experiment: str, parent_run_id: str) -> BestTrials:
     """Every trial run of the sweep's Optuna studies (any attempt's), reduced to each architecture's best."""
-    tracking.check_reachable(create=False)
-    parent = parent_sweep(parent_run_id)
+    parent = parent_sweep(parent_run_id).run
     params = parent.data.params
     studies = json.loads(params.get("optuna_studies", "{}"))
     keys = list(json.loads(params.get("space", "{}")))
@@ -203,12 +193,12 @@ def log(run_id: str, best: BestTrials) -> None:
     tracking.log_metrics(run_id, values)
 
 
-def rerun_table(experiment: str, parent_run_id: str, baseline: str | None = None) -> compare.Table | None:
+def rerun_table(experiment: str, parent_run_id: str, baseline: str | None = None) -> Table | None:
     """The --seeds runs (each architecture's best configuration again) as the study's table; None without any."""
-    parent_sweep(parent_run_id)
-    fetched = compare.fetch_runs(
+    parent = parent_sweep(parent_run_id)
+    fetched = fetch_runs(
         experiment, parent_run_id, f"tags.`{tracking.TAG_RERUN_OF}` LIKE '%'"
     )  # fmt: skip
     if not fetched.rows:
         return None
-    return compare.build_table(fetched.rows, baseline, tuned=sweep_keys(parent_run_id))
+    return build_table(fetched.rows, baseline, tuned=parent.tuned_keys)

@@ -1,6 +1,6 @@
 """``zar report``: a study as one page a person reads top to bottom, built only from what MLflow recorded.
 
-The page holds the table exactly as ``zar compare`` prints it (``compare.comparison``, the same
+The page holds the table exactly as ``zar compare`` prints it (``comparison.comparison``, the same
 options), then the curves of every table row on shared charts (the mean over its runs and their
 range), the confusion matrices side by side (summed over a row's runs), each row's cost, and
 what was compared: settings, data, code and the runs, linked to the MLflow UI. HTML is one file
@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import compare, plots, tracking
-from .errors import ZarError
-from .tracking import runs
-from .tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
+from .. import plots, tracking
+from ..errors import ZarError
+from ..tracking import runs
+from ..tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
+from .comparison import Comparison
+from .render import render
+from .table import TableRow
 
 FORMATS = ("html", "markdown")
 FIGURES = {
@@ -41,7 +44,7 @@ SKIP_CONFIG = {"seed", "model"}  # the seed differs within a row by design; the 
 class Row:
     """One row of the table, with its runs and what the charts need of them."""
 
-    table_row: compare.TableRow
+    table_row: TableRow
     color: str
     runs: list = field(default_factory=list)  # MLflow runs
     histories: dict[str, dict[str, list[tuple[int, float]]]] = field(default_factory=dict)  # run -> metric -> steps
@@ -56,7 +59,7 @@ class Row:
 
 @dataclass
 class Report:
-    comparison: compare.Comparison
+    comparison: Comparison
     rows: list[Row]
     title: str
     experiment_id: str
@@ -66,7 +69,7 @@ class Report:
         return [run for row in self.rows for run in row.runs]
 
 
-def collect(found: compare.Comparison, title: str | None = None) -> Report:
+def collect(found: Comparison, title: str | None = None) -> Report:
     """Every run behind the table, its per-epoch metrics and its confusion matrix."""
     colors = plots.row_colors([r.name for r in found.table])
     rows = []
@@ -237,7 +240,7 @@ def _html_table(headers: list[str], rows: list[list[str]], colors: list[str] | N
 
 def _table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
     """The comparison's Markdown table, split into cells: the same text ``zar compare`` prints."""
-    lines = compare.render(report.comparison.table, "markdown").split("\n\n")[0].strip().splitlines()
+    lines = render(report.comparison.table, "markdown").split("\n\n")[0].strip().splitlines()
     split = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
     return split[0], split[2:]
 
@@ -298,7 +301,7 @@ def to_markdown(report: Report, images: dict[str, Path]) -> str:
         "",
         "## Results",
         "",
-        compare.render(report.comparison.table, "markdown").rstrip(),
+        render(report.comparison.table, "markdown").rstrip(),
         "",
         *[f"{w}\n" for w in report.comparison.warnings],
         report.comparison.usage,
@@ -317,7 +320,7 @@ def to_markdown(report: Report, images: dict[str, Path]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def write(found: compare.Comparison, output: Path, fmt: str = "html", title: str | None = None) -> Path:
+def write_report(found: Comparison, output: Path, fmt: str = "html", title: str | None = None) -> Path:
     """The report of ``found`` at ``output``: a file (html) or a folder of report.md and PNGs (markdown)."""
     if fmt not in FORMATS:
         raise ZarError(f"unknown report format {fmt!r}; valid: {', '.join(FORMATS)}")
