@@ -8,13 +8,13 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from zar.ablation import children, combinations, describe, parse_vary
+from zar.ablation import combinations, describe, parse_vary, plan
 from zar.analysis.fetch import RunRow
 from zar.analysis.grouping import check_comparable
 from zar.analysis.render import render
 from zar.analysis.table import build_table
 from zar.config import ConfigError, TrainConfig
-from zar.errors import ZarError
+from zar.errors import UserError
 from zar.variants import VARIANTS
 
 from helpers import TINY, invoke, runs_of
@@ -34,12 +34,12 @@ def test_vary_reads_each_value_as_its_keys_type_and_makes_a_grid():
 
 
 def test_each_child_is_the_config_with_its_values():
-    kids = children(["se", "resnet"], [1, 2], TrainConfig(), parse_vary(["se_reduction=4,8"]))
+    kids = plan(["se", "resnet"], [1, 2], TrainConfig(), parse_vary(["se_reduction=4,8"]))
     assert [k.label for k in kids] == [
         f"{m} se_reduction={r} seed {s}" for m in ("se", "resnet") for r in (4, 8) for s in (1, 2)
     ]
     assert [(k.cfg.se_reduction, k.cfg.seed) for k in kids[:4]] == [(4, 1), (4, 2), (8, 1), (8, 2)]
-    assert children(["se"], [1], TrainConfig(), {})[0].label == "se seed 1"  # no ablation: as before
+    assert plan(["se"], [1], TrainConfig(), {})[0].label == "se seed 1"  # no ablation: as before
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,7 @@ def test_bad_vary_is_a_config_error(specs, message):
 
 def test_a_value_the_config_refuses_is_named_with_its_combination():
     with pytest.raises(ConfigError, match=r"^--vary se_reduction=0: config key 'se_reduction' must be between 1"):
-        children(["se"], [1], TrainConfig(), parse_vary(["se_reduction=4,0"]))
+        plan(["se"], [1], TrainConfig(), parse_vary(["se_reduction=4,0"]))
 
 
 # --- compare --group-by on hand-made runs ------------------------------------------------------------
@@ -111,7 +111,7 @@ def test_baseline_value_compares_each_row_with_its_own_architecture_at_that_valu
     assert rows["SE-ResNet-34 (se_reduction=4)"].baseline == "SE-ResNet-34 (se_reduction=16)"
     assert rows["SE-ResNet-34 (se_reduction=4)"].val_acc_vs_baseline == pytest.approx(0.0)
     assert "compared to the row of the same architecture with se_reduction=16" in render(table)
-    with pytest.raises(ZarError, match=r"--baseline-value se_reduction=8: no run has it; values present: 4, 16, 32$"):
+    with pytest.raises(UserError, match=r"--baseline-value se_reduction=8: no run has it; values present: 4, 16, 32$"):
         build_table(ABLATION, None, baseline_value={"se_reduction": "8"})
 
 
@@ -137,9 +137,9 @@ def test_group_by_a_guarded_key_is_no_warning_and_orders_by_number():
 def test_group_by_several_keys_and_unknown_keys():
     table = build_table(ABLATION, None, group_by=["se_reduction", "seed"])
     assert names(table)[:2] == ["SE-ResNet-34 (se_reduction=4, seed=1)", "SE-ResNet-34 (se_reduction=4, seed=2)"]
-    with pytest.raises(ZarError, match="--group-by nope: no run in this table records a param 'nope'"):
+    with pytest.raises(UserError, match="--group-by nope: no run in this table records a param 'nope'"):
         build_table(ABLATION, None, group_by=["nope"])
-    with pytest.raises(ZarError, match="--group-by model: rows are one per architecture already"):
+    with pytest.raises(UserError, match="--group-by model: rows are one per architecture already"):
         build_table(ABLATION, None, group_by=["model"])
 
 

@@ -15,7 +15,7 @@ from zar.analysis.fetch import RunRow
 from zar.analysis.grouping import differing_hparams, repeated_seeds
 from zar.analysis.render import COLUMNS, render
 from zar.analysis.table import build_table
-from zar.errors import ZarError
+from zar.errors import UserError
 
 from helpers import HEADER, children, invoke
 
@@ -124,17 +124,17 @@ def test_rows_follow_the_study_order_then_others():
 
 
 def test_unknown_baseline_lists_the_valid_names():
-    with pytest.raises(ZarError, match=r"unknown baseline 'resnext'; valid: plain, resnet, se, mish, se_mish$"):
+    with pytest.raises(UserError, match=r"unknown baseline 'resnext'; valid: plain, resnet, se, mish, se_mish$"):
         build_table(RUNS, baseline="resnext")
 
 
 def test_baseline_without_runs_is_an_error():
-    with pytest.raises(ZarError, match="baseline 'mish' has no runs in this table; models present: "):
+    with pytest.raises(UserError, match="baseline 'mish' has no runs in this table; models present: "):
         build_table(RUNS, baseline="mish")
 
 
 def test_no_runs_is_an_error():
-    with pytest.raises(ZarError, match="no runs to compare"):
+    with pytest.raises(UserError, match="no runs to compare"):
         build_table([])
 
 
@@ -201,7 +201,7 @@ def test_latex_keeps_the_less_than_sign():
 
 
 def test_unknown_format_is_an_error():
-    with pytest.raises(ZarError, match="unknown format 'html'"):
+    with pytest.raises(UserError, match="unknown format 'html'"):
         render(build_table(RUNS), "html")
 
 

@@ -21,7 +21,7 @@ from zar.analysis.grouping import check_comparable, repeated_seeds
 from zar.analysis.render import COLUMNS, columns, render
 from zar.analysis.stats import holm, welch
 from zar.analysis.table import build_table
-from zar.errors import ZarError
+from zar.errors import UserError
 from zar.variants import VARIANTS
 
 from helpers import invoke
@@ -200,7 +200,7 @@ def test_csv_names_the_select_and_metrics_in_every_row():
 
 def test_runs_read_with_different_selects_are_not_one_table():
     rows = [RunRow("a", "resnet", "ResNet-34", 0.9, 0.8, 1), RunRow("b", "se", "SE", 0.9, 0.8, 1, select="best")]
-    with pytest.raises(ZarError, match="runs read with different --select: best, last"):
+    with pytest.raises(UserError, match="runs read with different --select: best, last"):
         build_table(rows)
 
 
@@ -279,7 +279,7 @@ def test_a_seed_repeats_only_within_a_row():
     assert repeated_seeds(runs) == [] and check_comparable(runs, strict=False)[0].startswith("runs differ in")
     runs.append(row("resnet", 0.7, seed="42", lr="0.01"))
     assert repeated_seeds(runs) == ["ResNet-34 (lr=0.01) seed 42 x2"]
-    with pytest.raises(ZarError, match="runs are not comparable, they differ in lr: 0.001, 0.01$"):
+    with pytest.raises(UserError, match="runs are not comparable, they differ in lr: 0.001, 0.01$"):
         check_comparable(runs, strict=True)
 
 

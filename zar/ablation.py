@@ -92,8 +92,9 @@ class Child:
         return " ".join([self.model, *(f"{k}={v}" for k, v in self.varied), f"seed {self.cfg.seed}"])
 
 
-def children(models: list[str], seeds: list[int], cfg: TrainConfig, vary: dict[str, list[Any]]) -> list[Child]:
-    """A child per model, combination and seed, each config validated now (a ConfigError names the combination)."""
+def plan(models: list[str], seeds: list[int], cfg: TrainConfig, vary: dict[str, list[Any]]) -> list[Child]:
+    """The study's runs: a child per model, combination and seed, each config validated now (a
+    ConfigError names the combination)."""
     configs = []
     for combo in combinations(vary):
         for seed in seeds:

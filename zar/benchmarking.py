@@ -35,7 +35,7 @@ def run_benches(
     runs.closing ends each FINISHED, or FAILED with the reason."""
     measured, failed = _measure_rounds(specs, rounds, echo, warn)
     result = BenchResult()
-    with runs.in_env_run("bench") as env_run:
+    with runs.in_env_run("bench", {tracking.TAG_RUN_NAME: "bench"}) as env_run:
         for spec in specs:
             run = runs.start(experiment, f"bench-{spec.model}-{spec.depth}-{spec.image_size}px")
             result.experiment_id = run.info.experiment_id

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import DataError, ZarError, clip
+from .errors import DataError, UserError, clip
 from .variants import Variant, get_variant
 
 BUILT_IN_DATA = ("digits", "synthetic")
@@ -19,7 +19,7 @@ def known_model(name: str) -> Variant:
     try:
         return get_variant(name)
     except ValueError as e:
-        raise ZarError(str(e)) from None
+        raise UserError(str(e)) from None
 
 
 def check_data_path(data: str) -> None:
@@ -43,6 +43,6 @@ def check_study(models: list[str], baseline: str, seeds: list[int] = ()) -> None
     for kind, values in (("--models", models), ("--seeds", seeds)):
         repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
         if repeated:
-            raise ZarError(f"{kind} names {clip(', '.join(repeated))} more than once; each must appear once")
+            raise UserError(f"{kind} names {clip(', '.join(repeated))} more than once; each must appear once")
     if baseline not in models:
-        raise ZarError(f"baseline {clip(repr(baseline))} is not among --models {clip(','.join(models))}")
+        raise UserError(f"baseline {clip(repr(baseline))} is not among --models {clip(','.join(models))}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .errors import ZarError, quote
+from .errors import UserError, quote
 from .variants import DEPTHS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -27,7 +27,7 @@ MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
 SCALARS = (str, int, float, bool)
 
 
-class ConfigError(ZarError):
+class ConfigError(UserError):
     pass
 
 
@@ -41,18 +41,24 @@ ROLES = (DATA, TRAINING, ARCHITECTURE, SEED, RUNTIME)
 
 
 def key(
-    default: Any, help: str, choices: tuple | None = None, *, role: str = TRAINING, not_searched: str | None = None
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    *,
+    role: str = TRAINING,
+    bounds: tuple[int, int] | None = None,
+    not_searched: str | None = None,
 ) -> Any:
-    """A config field: its default, the help ``--help`` shows, its choices where there are few, and its role.
+    """A config field: its default, the help ``--help`` shows, its choices where there are few or
+    its inclusive ``bounds`` (a whole number's), and its role.
 
     ``not_searched``: why a sweep may not search the key; every data, seed and runtime key has one
     (tests/test_config.py holds them to it), a training or architecture key may.
     """
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}; valid: {', '.join(ROLES)}")
-    return field(
-        default=default, metadata={"help": help, "choices": choices, "role": role, "not_searched": not_searched}
-    )
+    metadata = {"help": help, "choices": choices, "role": role, "bounds": bounds, "not_searched": not_searched}
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class TrainConfig:
         32,
         "side in pixels that images are resized to",
         role=DATA,
+        bounds=(8, 1024),
         not_searched="every trial must train on the same data",
     )
     workers: int = key(
@@ -93,7 +100,7 @@ class TrainConfig:
         not_searched="it changes how fast a trial loads data, not what it learns",
     )
     depth: int = key(34, "ResNet depth", DEPTHS, role=ARCHITECTURE)
-    se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)", role=ARCHITECTURE)
+    se_reduction: int = key(16, "SE reduction ratio r (se, se_mish)", role=ARCHITECTURE, bounds=(1, 64))
     data: str = key(
         "digits",
         "'digits' (embedded), 'synthetic' (tiny, for tests) or an image folder with one sub-folder per class",
@@ -156,7 +163,14 @@ class TrainConfig:
             )
             for f in fields(self)
             if f.metadata["choices"]
-        ] + [
+        ]
+        checks += [
+            (f.name, lo <= getattr(self, f.name) <= hi, f"must be between {lo} and {hi}")
+            for f in fields(self)
+            if f.metadata["bounds"]
+            for lo, hi in [f.metadata["bounds"]]
+        ]
+        checks += [
             ("lr", 0 < self.lr < math.inf, "must be > 0 and finite"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("epochs", self.epochs >= 1, "must be >= 1"),
@@ -164,9 +178,7 @@ class TrainConfig:
             ("seed", 0 <= self.seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
             ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"must be between 0 and {MAX_SEED}"),
             ("val_ratio", 0 < self.val_ratio < 1, "must be between 0 and 1 (exclusive)"),
-            ("image_size", 8 <= self.image_size <= 1024, "must be between 8 and 1024"),
             ("workers", self.workers >= 0, "must be >= 0"),
-            ("se_reduction", 1 <= self.se_reduction <= 64, "must be between 1 and 64"),
             ("data", self.data.strip() != "", "must name 'digits', 'synthetic' or an image folder"),
             (
                 "warmup_epochs",

@@ -31,7 +31,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import imagecache
 from .checks import check_data_path
-from .config import TrainConfig
+from .config import DATA_KEYS, TrainConfig
 from .errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -70,6 +70,11 @@ class DataBundle:
         for sample_id, label in sorted(zip(self.val_ids, self.val_labels)):
             h.update(f"\n{sample_id}\t{label}".encode())
         return h.hexdigest()[:16]
+
+
+def data_key(cfg: TrainConfig) -> tuple:
+    """What ``load_data(cfg)`` depends on: configs with the same key share one load (a study's children)."""
+    return tuple(getattr(cfg, k) for k in DATA_KEYS)
 
 
 def load_data(cfg: TrainConfig) -> DataBundle:

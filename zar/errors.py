@@ -19,7 +19,11 @@ def clip(text: object) -> str:
 
 
 class ZarException(Exception):
-    """Any failure zar explains itself: its message is the one line the user reads."""
+    """Any failure zar explains itself: its message is the one line the user reads.
+
+    ``UserError`` is the user's mistake (exit 2); the others are what happened to a run that
+    was set up right (it failed, was interrupted or pruned).
+    """
 
     exit_code = 1
 
@@ -28,13 +32,13 @@ class ZarException(Exception):
         return str(self)
 
 
-class ZarError(ZarException):
+class UserError(ZarException):
     """A user mistake (a bad name, value, path or run id): exit code 2."""
 
     exit_code = 2
 
 
-class DataError(ZarError):
+class DataError(UserError):
     """The data cannot be used as given (missing folder, unreadable images, too few classes)."""
 
 

@@ -50,7 +50,7 @@ from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import TrainConfig
-from .errors import ZarError, ZarException
+from .errors import UserError, ZarException
 from .models import build_model, count_params
 from .variants import get_variant
 
@@ -97,11 +97,11 @@ class BenchSpec:
 
 def device_name(name: str) -> str:
     """'auto', 'cpu' or 'cuda' as the device the bench will run on (as training resolves it); no GPU
-    for 'cuda' is a ZarError."""
+    for 'cuda' is a UserError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        raise ZarError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
+        raise UserError("device 'cuda' was asked for but no CUDA GPU is available; use --device auto or cpu")
     return name
 
 

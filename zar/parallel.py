@@ -32,7 +32,7 @@ GRACE_S = 30.0  # how long interrupted children get to close their runs before t
 
 def child_env(slot: int, jobs: int) -> dict[str, str]:
     """Threads split evenly over the children; one GPU each, round robin, where there are several."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_RUN_ID"}  # the parent's, never a child's
+    env = {k: v for k, v in os.environ.items() if k != runs.ENV_RUN_ID}  # the parent's, never a child's
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     gpus = _gpu_count()
     if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:

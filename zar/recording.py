@@ -25,7 +25,7 @@ from .checks import BUILT_IN_DATA
 from .config import TrainConfig, to_yaml
 from .data import DataBundle
 from .engine import EpochResult, Trainer
-from .errors import ZarError, clip
+from .errors import UserError, clip
 from .models import count_params
 
 
@@ -86,12 +86,12 @@ class Recorder:
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
                 pass
         except OSError as e:
-            raise ZarError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
+            raise UserError(f"cannot write checkpoints to {folder}: {e.strerror or e}") from None
         try:
             tracking.log_text(self.run_id, to_yaml(cfg), "config.yaml")
         except Exception as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ZarError(f"cannot write to the run's artifact store {self.artifact_uri}: {clip(reason)}") from None
+            raise UserError(f"cannot write to the run's artifact store {self.artifact_uri}: {clip(reason)}") from None
 
     def model_size(self, model: torch.nn.Module) -> None:
         tracking.log_metrics(self.run_id, count_params(model))

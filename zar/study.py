@@ -12,16 +12,9 @@ from .analysis.study_table import log_report, log_table
 from .analysis.table import DEFAULT_BASELINE, TableRow
 from .checks import check_study
 from .config import TrainConfig
-from .data import DataBundle, load_data
+from .data import DataBundle, data_key, load_data
 from .errors import Interrupted, TrainingFailed, describe
 from .tracking import runs
-
-# Config keys that never change the data a run trains on: children that differ only in these share
-# one loaded dataset. Any other key (a new one too) gets its own load, which is slower, never wrong.
-TRAINING_ONLY = {
-    "lr", "batch_size", "epochs", "optimizer", "weight_decay", "seed", "workers", "depth", "se_reduction", "device",
-    "precision",
-}  # fmt: skip
 
 
 @dataclass
@@ -53,7 +46,7 @@ def run_study(
     check_study(models, baseline or default_baseline(models), seeds)
     cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
     # Every child's config, built and resolved now: a bad value or device fails before any run.
-    kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.children(models, seeds, cfg, vary)]
+    kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, seeds, cfg, vary)]
     data = {}  # once per distinct data: a bad folder fails now, and images are decoded once
     for kid in kids:
         if data_key(kid.cfg) not in data:
@@ -86,10 +79,6 @@ def run_study(
 def default_baseline(models: list[str]) -> str:
     """What a study compares to when not told: resnet if it trains, else (for checks) its first model."""
     return DEFAULT_BASELINE if DEFAULT_BASELINE in models else models[0]
-
-
-def data_key(cfg: TrainConfig) -> tuple:
-    return tuple(v for k, v in sorted(cfg.to_dict().items()) if k not in TRAINING_ONLY)
 
 
 def _train_in_process(kids: list[Child], experiment, progress, echo, data: dict[tuple, DataBundle]) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import random
 import socket
 import time
@@ -32,11 +31,10 @@ from . import tracking, training
 from .analysis import trials
 from .analysis.render import render
 from .analysis.table import Table
-from .config import ConfigError, TrainConfig
-from .data import load_data
-from .errors import Interrupted, Pruned, ZarError, describe
+from .config import ROLE, RUNTIME, ConfigError, TrainConfig
+from .data import data_key, load_data
+from .errors import Interrupted, Pruned, UserError, describe
 from .space import Dim, as_dict, check_method, dims_for, grid, suggest
-from .study import data_key
 from .tracking import runs
 from .tracking.store import redact
 
@@ -66,7 +64,7 @@ class SweepSpec:
             "models": self.models,
             "space": as_dict(self.space),
             "trials": self.trials,
-            "cfg": {k: v for k, v in self.cfg.to_dict().items() if k not in ("device", "workers")},
+            "cfg": {k: v for k, v in self.cfg.to_dict().items() if ROLE[k] != RUNTIME},  # where, not what
             "method": self.method,
             "seeds": self.seeds,
             "startup_trials": self.startup_trials,
@@ -151,33 +149,12 @@ def _parent(spec: SweepSpec, storage: str, echo):
     (Optuna's studies are found by the sweep's key), and the best-trial table reads them all.
     """
     name = f"sweep-{len(spec.models)}x{spec.trials}"
-    if os.environ.get("MLFLOW_RUN_ID"):
-        return runs.start(spec.experiment, name), None
-    found = _parents(spec)
-    if not found:
-        run = runs.start(spec.experiment, name, tags={tracking.TAG_SWEEP_KEY: spec.key, TAG_STORAGE: redact(storage)})
-        first = _parents(spec)[0]  # two workers started at once: the earlier run is the sweep's
-        if first.info.run_id == run.info.run_id:
-            return run, None
-        runs.discard(run.info.run_id)
-        found = [first]
-    run = found[0]
-    tags = run.data.tags
-    if run.info.status == tracking.RUNNING and runs.process_alive(tags) is not False:
-        return run, f"process {tags.get(tracking.TAG_PID, '?')} on {tags.get(tracking.TAG_HOST, '?')}"
-    echo(f"Continuing sweep run {run.info.run_id} ({run.info.status.lower()} before)")
-    return runs.reopen(run.info.run_id), None
-
-
-def _parents(spec: SweepSpec) -> list:
-    """This sweep's parent runs (one, but for a moment when two workers start at once), earliest first."""
-    experiment_id = tracking.get_experiment_id(spec.experiment)
-    found = [
-        r
-        for r in tracking.search_runs(experiment_id, f"tags.`{tracking.TAG_SWEEP_KEY}` = '{spec.key}'")
-        if tracking.TAG_PARENT not in r.data.tags
-    ]
-    return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    found = runs.find_or_start_parent(
+        spec.experiment, name, tracking.TAG_SWEEP_KEY, spec.key, {TAG_STORAGE: redact(storage)}
+    )
+    if found.was is not None:
+        echo(f"Continuing sweep run {found.run.info.run_id} ({found.was.lower()} before)")
+    return found.run, found.holder
 
 
 def _join(spec, cfg, parent, holder: str, storage: str, data, progress, echo) -> SweepResult:
@@ -185,13 +162,13 @@ def _join(spec, cfg, parent, holder: str, storage: str, data, progress, echo) ->
     run_id = parent.info.run_id
     theirs = parent.data.tags.get(TAG_STORAGE) or parent.data.params.get("optuna_storage")
     if theirs is not None and theirs != redact(storage):
-        raise ZarError(
+        raise UserError(
             f"sweep run {run_id} keeps its trials in the Optuna storage {theirs}, not {redact(storage)}: "
             "pass that --storage to work on it"
         )
     host = parent.data.tags.get(tracking.TAG_HOST)
     if storage.startswith("sqlite:") and host not in (None, socket.gethostname()):
-        raise ZarError(
+        raise UserError(
             f"sweep run {run_id} runs on {host} with a SQLite Optuna storage, a file there: workers on other "
             "machines share a sweep through --storage postgresql://... given to every one of them"
         )
@@ -244,7 +221,7 @@ def _study(spec: SweepSpec, model: str, storage: str) -> optuna.Study:
             load_if_exists=True,
         )
     except Exception as e:
-        raise ZarError(f"cannot open the Optuna storage {redact(storage)}: {describe(e).splitlines()[0]}") from None
+        raise UserError(f"cannot open the Optuna storage {redact(storage)}: {describe(e).splitlines()[0]}") from None
 
 
 def _counts(trial) -> bool:

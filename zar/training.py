@@ -24,7 +24,7 @@ from .checks import known_model
 from .config import TrainConfig, from_dict
 from .data import DataBundle, load_data
 from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
-from .errors import Pruned, TrainingFailed, ZarError, clip, describe
+from .errors import Pruned, TrainingFailed, UserError, clip, describe
 from .models import build_model
 from .recording import Prepared, Recorder
 from .tracking import FINISHED, RUNNING, provenance, runs
@@ -53,7 +53,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, torch.device]:
     try:
         device = distributed.rank_device(resolve_device(cfg.device))
     except ValueError as e:
-        raise ZarError(str(e)) from None
+        raise UserError(str(e)) from None
     # Runs record the precision that ran, never 'auto': they are compared by it.
     return cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size)), device
 
@@ -110,7 +110,7 @@ def train(
 ) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
-    Mistakes (unknown model, bad data) raise ZarError before any run exists. ``data``, when
+    Mistakes (unknown model, bad data) raise UserError before any run exists. ``data``, when
     given, must be what ``load_data(cfg)`` returns (a study loads it once for all its runs).
     ``parent_run_id`` makes the run a child of that study run, which another process holds.
     ``tags`` are set on the run besides zar's own (a sweep's trial number); ``on_epoch`` is called
@@ -160,7 +160,7 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     that changed since the run started fails the resume (and the run) before training.
     """
     if not re.fullmatch(r"[\w-]+", run_id):
-        raise ZarError(f"bad run id {clip(repr(run_id))}: a run id is letters, digits, '-' and '_'")
+        raise UserError(f"bad run id {clip(repr(run_id))}: a run id is letters, digits, '-' and '_'")
     distributed.init()
     if not distributed.is_main():  # rank 0 reads the run and its checkpoint, and hands them on
         return _follow(lambda: _prepared_from(*distributed.broadcast(None)))
@@ -213,7 +213,7 @@ def _follow(make: Callable[[], tuple[Prepared, dict | None]]) -> None:
 def load_checkpoint(path, run_id: str) -> dict:
     """The checkpoint at ``path``; missing, empty or truncated is a one-line error naming it."""
     if not path.exists():
-        raise ZarError(
+        raise UserError(
             f"run {run_id} has no checkpoint at {path} (it stopped before its first epoch ended); "
             "start a new run instead"
         )
@@ -222,9 +222,9 @@ def load_checkpoint(path, run_id: str) -> dict:
         missing = [k for k in ("model", "optimizer", "epoch", "config", "model_name") if k not in state]
     except Exception as e:  # EOFError, a bad zip, an unpickling error: all mean a broken file
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no data'}"
-        raise ZarError(f"checkpoint {path} is empty or truncated ({clip(reason)}); start a new run instead") from None
+        raise UserError(f"checkpoint {path} is empty or truncated ({clip(reason)}); start a new run instead") from None
     if missing:
-        raise ZarError(f"checkpoint {path} is not a zar checkpoint (no {missing[0]!r}); start a new run instead")
+        raise UserError(f"checkpoint {path} is not a zar checkpoint (no {missing[0]!r}); start a new run instead")
     return state
 
 
@@ -233,21 +233,21 @@ def _check_resumable(run) -> None:
     the same code (zar's version and git commit) and the same number of processes."""
     run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
     if status == FINISHED:
-        raise ZarError(f"run {run_id} is already FINISHED; there is nothing to resume")
+        raise UserError(f"run {run_id} is already FINISHED; there is nothing to resume")
     alive = runs.process_alive(tags)
     if status == RUNNING and alive:
-        raise ZarError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
+        raise UserError(f"run {run_id} is still being trained by process {tags.get(tracking.TAG_PID)}")
     if status == RUNNING and alive is None:
-        raise ZarError(
+        raise UserError(
             f"run {run_id} is RUNNING on host {tags.get(tracking.TAG_HOST, '?')}; resume it there "
             "once its process is gone"
         )
     changed = provenance.resume_mismatch(tags)
     if changed:
-        raise ZarError(f"run {run_id} was trained by other code ({changed}); start a new run instead")
+        raise UserError(f"run {run_id} was trained by other code ({changed}); start a new run instead")
     trained_by, now = run.data.params.get("world_size", "1"), str(distributed.world_size())
     if trained_by != now:  # the lr schedule and the global batch were made for that many processes
-        raise ZarError(
+        raise UserError(
             f"run {run_id} was trained by {trained_by} process(es) and this resume has {now}; "
             f"resume it with {trained_by} (torchrun --nproc_per_node={trained_by})"
             if trained_by != "1"
@@ -263,7 +263,7 @@ def _check_same_data(run, prepared: Prepared) -> None:
         ("data", prepared.data.data_fingerprint, tags.get(tracking.TAG_DATA_FINGERPRINT)),
     ):
         if then is not None and now != then:
-            raise ZarError(
+            raise UserError(
                 f"the {key} of run {run.info.run_id} changed since it started (fingerprint {then}, now {now}); "
                 "start a new run instead"
             )

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from urllib.request import urlopen
 
 from . import tracking
-from .errors import ZarError
+from .errors import UserError
 
 START_TIMEOUT_S = 120.0  # the first start migrates the store and builds the app: tens of seconds here
 
@@ -33,7 +33,7 @@ def serve(host: str, port: int, experiment: str, echo: Callable[[str], None]) ->
         echo(_link(experiment, None))
         return 0
     if not uri.startswith("sqlite:"):
-        raise ZarError(f"zar ui serves a SQLite store; MLFLOW_TRACKING_URI is {tracking.shown_uri()}")
+        raise UserError(f"zar ui serves a SQLite store; MLFLOW_TRACKING_URI is {tracking.shown_uri()}")
     tracking.check_reachable(create=False)  # no runs here is said now, not by an empty UI
     _check_port(host, port)
     address = f"http://{host}:{port}"
@@ -66,7 +66,7 @@ def _link(experiment: str, base: str | None) -> str:
     """The experiment's training-runs table; the experiments list when it has none yet."""
     try:
         return tracking.runs_url(tracking.get_experiment_id(experiment, create=False), base=base)
-    except ZarError:
+    except UserError:
         return f"{base or tracking.ui_address()}/#/experiments?workflowType=machine_learning"
 
 
@@ -75,14 +75,14 @@ def _check_port(host: str, port: int) -> None:
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ZarError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port") from None
+            raise UserError(f"cannot listen on {host}:{port}: {e.strerror or e}; pass another --port") from None
 
 
 def _wait_until_up(proc: subprocess.Popen, address: str, log_path) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         if proc.poll() is not None:
-            raise ZarError(
+            raise UserError(
                 f"mlflow ui exited with code {proc.returncode} before it answered on {address} (see {log_path})"
             )
         with contextlib.suppress(OSError):
@@ -90,7 +90,7 @@ def _wait_until_up(proc: subprocess.Popen, address: str, log_path) -> None:
                 if response.status == 200:
                     return
         if time.monotonic() > deadline:
-            raise ZarError(f"mlflow ui did not answer on {address} within {START_TIMEOUT_S:.0f} s")
+            raise UserError(f"mlflow ui did not answer on {address} within {START_TIMEOUT_S:.0f} s")
         time.sleep(0.25)
 
 

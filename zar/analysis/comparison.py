@@ -5,11 +5,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from .. import tracking
-from ..errors import ZarError
+from ..errors import UserError
 from ..tracking import runs
 from .fetch import Fetched, describe_parent, describe_usage, fetch_bench, fetch_runs, require_rows
 from .grouping import check_comparable, check_group_by
@@ -58,7 +57,7 @@ def comparison(
         filter_string = f"{filter_string} and {rerun}" if filter_string else rerun
     fetched = fetch_runs(experiment, parent, filter_string, select, include_unfinished)
     if tuned is not None and not fetched.rows:
-        raise ZarError(
+        raise UserError(
             f"sweep {parent} has no --seeds runs to compare; 'zar compare --parent {parent} --select best-trial' "
             "prints its best trials"
         )
@@ -78,8 +77,6 @@ def comparison(
 
 def keep_in_env_run(text: str, fmt: str) -> None:
     """Under ``mlflow run -e compare``, the table is kept in the run MLflow made for it."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        return
-    run = runs.start(tracking.DEFAULT_EXPERIMENT, "compare")  # adopts MLflow's run
-    with runs.closing(run.info.run_id, {tracking.TAG_COMPARE: "1"}):
-        tracking.log_text(run.info.run_id, text, f"comparison.{EXTENSIONS[fmt]}")
+    with runs.in_env_run("compare", {tracking.TAG_COMPARE: "1"}) as run_id:
+        if run_id:
+            tracking.log_text(run_id, text, f"comparison.{EXTENSIONS[fmt]}")

@@ -17,7 +17,7 @@ from typing import Any
 
 from .. import tracking
 from ..config import FIELD_TYPES, MATCHED_KEYS, TrainConfig
-from ..errors import ZarError
+from ..errors import UserError
 
 SELECT = ("last", "best")
 # The MLflow metrics each --select reads: (train accuracy in eval mode, val accuracy).
@@ -85,7 +85,7 @@ class Parent:
 
     run_id: str
     run: Any  # the MLflow run; None when there is none with this id
-    missing: ZarError | None = None  # why there is none: said only where the table needs the run
+    missing: UserError | None = None  # why there is none: said only where the table needs the run
 
     @property
     def is_sweep(self) -> bool:
@@ -113,7 +113,7 @@ def describe_parent(run_id: str) -> Parent:
     tracking.check_reachable(create=False)
     try:
         return Parent(run_id, tracking.get_run(run_id))
-    except ZarError as e:
+    except UserError as e:
         return Parent(run_id, None, e)
 
 
@@ -126,7 +126,7 @@ def fetch_runs(
 ) -> Fetched:
     """The runs to compare, as rows, and how many were left out for which reason."""
     if parent and not re.fullmatch(r"[\w-]+", parent):
-        raise ZarError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
+        raise UserError(f"bad --parent {parent!r}: a run id is letters, digits, '-' and '_'")
     tracking.check_reachable(create=False)
     experiment_id = tracking.get_experiment_id(experiment, create=False)
     clauses = [tracking.children_filter(parent)] if parent else []
@@ -156,7 +156,7 @@ def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunR
     if run.info.status != tracking.FINISHED and not include_unfinished:
         return run.info.status
     if select not in METRICS:
-        raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+        raise UserError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
     train_key, val_key = METRICS[select]
     if val_key not in metrics:
         return "no metrics yet"
@@ -237,7 +237,7 @@ def fetch_bench(experiment: str) -> list[BenchRun]:
 def require_rows(fetched: Fetched, experiment: str, parent: str | None, filter_string: str | None) -> None:
     """No row to compare is a mistake: say where zar looked and what it left out."""
     if not fetched.rows:
-        raise ZarError(
+        raise UserError(
             f"no finished zar runs in experiment '{experiment}'"
             + (f" under parent {parent}" if parent else "")
             + (f" matching {filter_string!r}" if filter_string else "")

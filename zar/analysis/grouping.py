@@ -11,7 +11,7 @@ import re
 from collections import Counter
 from dataclasses import replace
 
-from ..errors import ZarError
+from ..errors import UserError
 from ..variants import VARIANTS
 from .fetch import GUARDED, RunRow, param_value
 
@@ -28,7 +28,7 @@ def check_comparable(rows: list[RunRow], strict: bool, group_by: list[str] | tup
     if differing:
         detail = "; ".join(f"{k}: {', '.join(v)}" for k, v in differing.items())
         if strict:
-            raise ZarError(f"runs are not comparable, they differ in {detail}")
+            raise UserError(f"runs are not comparable, they differ in {detail}")
         warnings.append(
             f"runs differ in more than model and seed: {detail} (split into rows named by {', '.join(differing)})"
         )
@@ -36,7 +36,7 @@ def check_comparable(rows: list[RunRow], strict: bool, group_by: list[str] | tup
     if repeated:
         message = f"runs repeat a seed, so they are not independent samples: {', '.join(repeated)}"
         if strict:
-            raise ZarError(message)
+            raise UserError(message)
         warnings.append(f"{message} (pick them apart with --parent or --filter)")
     return warnings
 
@@ -65,9 +65,9 @@ def check_group_by(rows: list[RunRow], group_by) -> None:
     """A --group-by key must be a param some run records; 'model' splits rows already."""
     for key in group_by:
         if key == "model":
-            raise ZarError("--group-by model: rows are one per architecture already")
+            raise UserError("--group-by model: rows are one per architecture already")
         if not any(param_value(r, key) for r in rows):
-            raise ZarError(f"--group-by {key}: no run in this table records a param {key!r}")
+            raise UserError(f"--group-by {key}: no run in this table records a param {key!r}")
 
 
 def _settings(r: RunRow, group_by=()) -> tuple[str, ...]:
@@ -147,5 +147,5 @@ def as_tuned(rows: list[RunRow], tuned) -> list[RunRow]:
     for model in dict.fromkeys(r.model for r in rows):
         settings = {tuple(param_value(r, k) for k in tuned) for r in rows if r.model == model}
         if len(settings) > 1:
-            raise ZarError(f"runs of {model} differ in {', '.join(tuned)}: a row must hold one configuration")
+            raise UserError(f"runs of {model} differ in {', '.join(tuned)}: a row must hold one configuration")
     return [replace(r, hparams={k: "tuned" if k in tuned else v for k, v in r.hparams.items()}) for r in rows]

@@ -8,7 +8,7 @@ import json
 import math
 from dataclasses import asdict
 
-from ..errors import ZarError
+from ..errors import UserError
 from .bench import BENCH_KEYS
 from .table import TableRow
 
@@ -67,7 +67,7 @@ BENCH_COLUMNS = [
 def render(table: list[TableRow], fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX (notes under it), or CSV or JSON (the metrics named in each row)."""
     if fmt not in FORMATS:
-        raise ZarError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
     select = getattr(table, "select", table[0].select if table else "last")
     notes = getattr(table, "notes", [])
     compared, with_bench = getattr(table, "compared", True), getattr(table, "with_bench", False)

@@ -14,7 +14,6 @@ import base64
 import html
 import json
 import math
-import os
 import statistics
 import tempfile
 from collections import Counter
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import plots, tracking
-from ..errors import ZarError
+from ..errors import UserError
 from ..tracking import runs
 from ..tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
 from .comparison import Comparison
@@ -323,7 +322,7 @@ def to_markdown(report: Report, images: dict[str, Path]) -> str:
 def write_report(found: Comparison, output: Path, fmt: str = "html", title: str | None = None) -> Path:
     """The report of ``found`` at ``output``: a file (html) or a folder of report.md and PNGs (markdown)."""
     if fmt not in FORMATS:
-        raise ZarError(f"unknown report format {fmt!r}; valid: {', '.join(FORMATS)}")
+        raise UserError(f"unknown report format {fmt!r}; valid: {', '.join(FORMATS)}")
     report = collect(found, title)
     if fmt == "markdown":
         output.mkdir(parents=True, exist_ok=True)
@@ -345,11 +344,10 @@ def write_report(found: Comparison, output: Path, fmt: str = "html", title: str 
 
 def keep_in_env_run(path: Path) -> None:
     """Under ``mlflow run -e report``, the report is kept in the run MLflow made for it."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        return
-    run = runs.start(tracking.DEFAULT_EXPERIMENT, "report")  # adopts MLflow's run
-    with runs.closing(run.info.run_id, {tracking.TAG_RUN_NAME: "report"}):
+    with runs.in_env_run("report", {tracking.TAG_RUN_NAME: "report"}) as run_id:
+        if run_id is None:
+            return
         if path.name == "report.md":
-            tracking.log_artifacts(run.info.run_id, path.parent)
+            tracking.log_artifacts(run_id, path.parent)
         else:
-            tracking.log_artifacts_file(run.info.run_id, path)
+            tracking.log_artifacts_file(run_id, path)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, field
 
-from ..errors import ZarError
+from ..errors import UserError
 from ..variants import VARIANTS
 from .bench import bench_numbers, match_bench
 from .fetch import METRICS, SELECT, BenchRun, RunRow, canonical, param_value
@@ -137,16 +137,16 @@ def build_table(
 def _check(rows: list[RunRow], baseline: str | None, select: str | None) -> str:
     """The options a table cannot be built with, refused before any work; the --select it reads."""
     if baseline is not None and baseline not in VARIANTS:
-        raise ZarError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
+        raise UserError(f"unknown baseline {baseline!r}; valid: {', '.join(VARIANTS)}")
     if not rows:
-        raise ZarError("no runs to compare")
+        raise UserError("no runs to compare")
     if select is None:
         selects = {r.select for r in rows}
         if len(selects) > 1:
-            raise ZarError(f"runs read with different --select: {', '.join(sorted(selects))}")
+            raise UserError(f"runs read with different --select: {', '.join(sorted(selects))}")
         select = selects.pop()
     if select not in METRICS:
-        raise ZarError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
+        raise UserError(f"unknown select {select!r}; valid: {', '.join(SELECT)}")
     return select
 
 
@@ -156,13 +156,13 @@ def _baseline(rows: list[RunRow], baseline: str | None, baseline_value: dict[str
         for key, value in baseline_value.items():
             present = sorted({param_value(r, key) for r in rows}, key=lambda v: numeric((v,)))
             if value not in present:
-                raise ZarError(f"--baseline-value {key}={value}: no run has it; values present: {', '.join(present)}")
+                raise UserError(f"--baseline-value {key}={value}: no run has it; values present: {', '.join(present)}")
         return None
     if baseline is None:
         return DEFAULT_BASELINE if any(r.model == DEFAULT_BASELINE for r in rows) else None
     if not any(r.model == baseline for r in rows):
         present = ", ".join(dict.fromkeys(r.model for r in rows))
-        raise ZarError(f"baseline {baseline!r} has no runs in this table; models present: {present} (pass --baseline)")
+        raise UserError(f"baseline {baseline!r} has no runs in this table; models present: {present} (pass --baseline)")
     return baseline
 
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import tracking
-from ..errors import ZarError
+from ..errors import UserError
 from ..space import applies
 from ..variants import VARIANTS
 from .fetch import Parent, describe_parent, fetch_runs
@@ -78,7 +78,7 @@ def parent_sweep(parent_run_id: str) -> Parent:
     if parent.missing is not None:
         raise parent.missing
     if not parent.is_sweep:
-        raise ZarError(f"run {parent_run_id} is not a zar sweep; --select best-trial reads a sweep's parent run")
+        raise UserError(f"run {parent_run_id} is not a zar sweep; --select best-trial reads a sweep's parent run")
     return parent
 
 
@@ -168,7 +168,7 @@ def _cells(row: BestTrial, keys: list[str]) -> list[str]:
 
 def render(best: BestTrials, fmt: str = "markdown") -> str:
     if fmt not in FORMATS:
-        raise ZarError(f"--select best-trial prints {', '.join(FORMATS)}, not {fmt}")
+        raise UserError(f"--select best-trial prints {', '.join(FORMATS)}, not {fmt}")
     heads = columns(best.keys)
     if fmt == "json":
         return json.dumps({"rows": [asdict(r) for r in best.rows], "notes": best.notes}, indent=2) + "\n"

@@ -34,7 +34,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
-from ..errors import ZarError, clip
+from ..errors import UserError, clip
 from .store import DEFAULT_EXPERIMENT, probe_server, redact, without_credentials  # noqa: F401  (re-exported)
 
 TAG_MODEL = "zar.model"
@@ -123,7 +123,7 @@ def check_reachable(timeout: float = 5.0, create: bool = True) -> None:
         if db is None or str(db) in ("", ":memory:"):
             return
         if not create and not db.exists():
-            raise ZarError(f"no runs here: there is no MLflow store at {db} (set MLFLOW_TRACKING_URI to read another)")
+            raise UserError(f"no runs here: there is no MLflow store at {db} (set MLFLOW_TRACKING_URI to read another)")
         db.parent.mkdir(parents=True, exist_ok=True)
         with open(db.with_name(db.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -154,7 +154,7 @@ def get_run(run_id: str):
     try:
         return mlflow_client().get_run(run_id)
     except MlflowException:
-        raise ZarError(f"no MLflow run with id {clip(repr(run_id))} at {shown_uri()}") from None
+        raise UserError(f"no MLflow run with id {clip(repr(run_id))} at {shown_uri()}") from None
 
 
 def experiment_name(experiment_id: str) -> str:
@@ -166,15 +166,15 @@ def get_experiment_id(name: str, create: bool = True) -> str:
     exp = _retry_locked(c.get_experiment_by_name)(name)
     if exp is None:
         if not create:
-            raise ZarError(f"no MLflow experiment named {clip(repr(name))} at {shown_uri()}; pass --experiment NAME")
+            raise UserError(f"no MLflow experiment named {clip(repr(name))} at {shown_uri()}; pass --experiment NAME")
         try:
             return _retry_locked(c.create_experiment)(name)
         except MlflowException as e:  # another process created it first
             exp = c.get_experiment_by_name(name)
             if exp is None:
-                raise ZarError(f"cannot create MLflow experiment '{name}': {e.message}") from None
+                raise UserError(f"cannot create MLflow experiment '{name}': {e.message}") from None
     if exp.lifecycle_stage == "deleted":
-        raise ZarError(
+        raise UserError(
             f"MLflow experiment '{name}' is deleted; restore it with "
             f"'mlflow experiments restore --experiment-id {exp.experiment_id}' or pass another --experiment"
         )
@@ -371,7 +371,7 @@ def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | 
             if not user_filter or e.error_code != "INVALID_PARAMETER_VALUE":
                 raise
             # MLflow's parse errors are long; their first line says what is wrong.
-            raise ZarError(f"bad --filter {user_filter!r}: {e.message.splitlines()[0]}") from None
+            raise UserError(f"bad --filter {user_filter!r}: {e.message.splitlines()[0]}") from None
         runs += page
         token = page.token
         if not token:

@@ -15,15 +15,16 @@ import os
 import signal
 import socket
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import psutil
 
 from ..errors import Interrupted, Pruned, TrainingFailed, describe
 from . import client
 from .client import FAILED, FINISHED, KILLED, RUNNING
+from .store import ENV_RUN_ID
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-ENV_RUN_ID = "MLFLOW_RUN_ID"  # set by 'mlflow run' to the run it created for this command
 
 
 def env_run_id() -> str | None:
@@ -75,40 +76,48 @@ def start(
 
 
 @contextlib.contextmanager
-def in_env_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[str | None]:
-    """Under ``mlflow run -e compare`` (report, bench), the run MLflow made, adopted and closed around
-    the block, which keeps the command's output in it; the block gets None when there is no such run."""
+def in_env_run(run_name: str, tags: dict[str, str]) -> Iterator[str | None]:
+    """Under ``mlflow run -e compare`` (report, bench), the run MLflow made, adopted, tagged with
+    ``tags`` and closed around the block, which keeps the command's output in it; the block gets
+    None when there is no such run."""
     if not env_run_id():
         yield None
         return
     run = start(client.DEFAULT_EXPERIMENT, run_name)
-    with closing(run.info.run_id, {client.TAG_RUN_NAME: run_name, **(tags or {})}):
+    with closing(run.info.run_id, tags):
         yield run.info.run_id
 
 
-def find_or_start_parent(experiment: str, run_name: str, key_tag: str, key: str, tags: dict[str, str]):
+class ParentRun(NamedTuple):
+    run: object  # the MLflow run
+    holder: str | None  # the live process that holds it, when not this one ("process 12 on host")
+    was: str | None  # the status it had when this process reopened it; None for a new run
+
+
+def find_or_start_parent(experiment: str, run_name: str, key_tag: str, key: str, tags: dict[str, str]) -> ParentRun:
     """The parent run of a study or sweep whose settings hash to ``key``, and who holds it.
 
-    (run, None) when this process holds it: an earlier attempt's run, reopened, or a new one (under
-    ``mlflow run``, the run it made). (run, holder) when a live process holds it, here or on another
-    machine: ``holder`` names it, and the caller may join it. Two processes that start the same
-    parent at once both see the earlier run as the parent; the later one's is discarded.
+    This process holds it when it is new (under ``mlflow run``, the run it made) or was stopped
+    (reopened here); a live process holds it otherwise, here or on another machine, and the caller
+    may join it. Two processes that start the same parent at once both take the earlier run; the
+    later one's is discarded. ``tags`` come with a new run, from its creation.
     """
     if env_run_id():
-        return start(experiment, run_name), None
+        return ParentRun(start(experiment, run_name), None, None)
     found = _parents(experiment, key_tag, key)
     if not found:
         run = start(experiment, run_name, tags={key_tag: key, **tags})
         first = _parents(experiment, key_tag, key)[0]
         if first.info.run_id == run.info.run_id:
-            return run, None
+            return ParentRun(run, None, None)
         discard(run.info.run_id)
         found = [first]
     run = found[0]
     held_by = run.data.tags
     if run.info.status == RUNNING and process_alive(held_by) is not False:
-        return run, f"process {held_by.get(client.TAG_PID, '?')} on {held_by.get(client.TAG_HOST, '?')}"
-    return reopen(run.info.run_id), None
+        holder = f"process {held_by.get(client.TAG_PID, '?')} on {held_by.get(client.TAG_HOST, '?')}"
+        return ParentRun(run, holder, None)
+    return ParentRun(reopen(run.info.run_id), None, run.info.status)
 
 
 def _parents(experiment: str, key_tag: str, key: str) -> list:

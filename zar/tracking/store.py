@@ -8,9 +8,10 @@ import urllib.error
 import urllib.request
 from urllib.parse import unquote, urlparse, urlunparse
 
-from ..errors import ZarError
+from ..errors import UserError
 
 DEFAULT_EXPERIMENT = "zar"
+ENV_RUN_ID = "MLFLOW_RUN_ID"  # set by 'mlflow run' to the run it created for the command it runs
 
 
 def redact(uri: str) -> str:
@@ -29,7 +30,7 @@ def without_credentials(uri: str) -> str:
 
 
 def probe_server(uri: str | None = None, timeout: float = 5.0) -> None:
-    """Raise ZarError unless the tracking server at ``uri`` (default: MLFLOW_TRACKING_URI) answers HTTP.
+    """Raise UserError unless the tracking server at ``uri`` (default: MLFLOW_TRACKING_URI) answers HTTP.
 
     MLflow's client retries a dead server for minutes; one request with a timeout says it in seconds.
     Credentials in the URI (``http://user:pass@host``) go as basic auth, as MLflow's client sends them.
@@ -50,7 +51,7 @@ def probe_server(uri: str | None = None, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         reason = getattr(reason, "strerror", None) or reason
-        raise ZarError(
+        raise UserError(
             f"cannot reach the MLflow tracking server at {redact(uri)} ({reason}); "
             "start it or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
         ) from None
