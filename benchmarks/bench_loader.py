@@ -71,7 +71,7 @@ def study_loader(root: Path, size: int):
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    from zar.data import IMAGENET_MEAN, IMAGENET_STD
+    from zar.learn.data import IMAGENET_MEAN, IMAGENET_STD
 
     transform = transforms.Compose(
         [transforms.Resize((size, size)), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
@@ -110,8 +110,8 @@ def main() -> None:
         from torch.utils.data import DataLoader
 
         from zar.config import TrainConfig
-        from zar.data import load_data
-        from zar.imagecache import RACY_NS
+        from zar.learn.data import load_data
+        from zar.learn.imagecache import RACY_NS
 
         # A file written in the last seconds is hashed again on the next run (its mtime cannot
         # vouch for it yet); a real data set is older than that, so wait until these are too.

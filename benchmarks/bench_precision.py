@@ -3,7 +3,7 @@
 Side by side in one process, on one generated folder of JPEGs (bench_loader.write_jpegs):
 
   reference  torchvision resnet34, AdamW defaults, fp32, NCHW, fed by ImageFolder + PIL (the study's loop)
-  zar        zar's engine (zar.engine.train_one_epoch) on zar's cached loader, for each precision asked:
+  zar        zar's engine (zar.learn.engine.train_one_epoch) on zar's cached loader, for each precision asked:
              fp32, bf16 (autocast + channels-last) and auto (what zar picks on this machine)
 
 Each is timed over the same number of training batches after warm-up. Target: zar with
@@ -63,9 +63,9 @@ def reference(root: Path, size: int, steps: int, warmup: int) -> float:
 def zar_engine(root: Path, size: int, steps: int, warmup: int, precision: str) -> tuple[float, str]:
     """Images/s of zar's engine at ``precision``, and the precision it resolved to."""
     from zar.config import load_config
-    from zar.data import load_data
-    from zar.engine import Trainer, resolve_device, train_one_epoch
-    from zar.models import build_model
+    from zar.learn.data import load_data
+    from zar.learn.engine import Trainer, resolve_device, train_one_epoch
+    from zar.learn.models import build_model
 
     cfg = load_config(overrides={"data": str(root), "image_size": size, "precision": precision, "device": "cpu"})
     data = load_data(cfg)
@@ -89,7 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed training batches of 32 per measurement")
     parser.add_argument("--warmup", type=int, default=1)
     args = parser.parse_args()
-    from zar.engine import native_bf16
+    from zar.learn.engine import native_bf16
 
     native = native_bf16(torch.device("cpu"))
     print("\n".join(header_lines(f"Training at {args.size} px: zar's engine vs the plain fp32 NCHW loop")))

@@ -13,10 +13,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-import zar.measure
+import zar.learn.measure
 from zar.analysis.render import BENCH_COLUMNS
-from zar.measure import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
-from zar.models import build_model
+from zar.learn.measure import METRICS, BenchFailed, BenchSpec, combine, flops_per_image, rounds_order
+from zar.learn.models import build_model
 
 from helpers import TINY, all_runs, invoke, leave_store, runs_of, use_store
 
@@ -184,7 +184,7 @@ def test_a_failed_measurement_fails_its_run_and_the_others_still_run(store, monk
             raise BenchFailed("bench of se failed: RuntimeError: out of memory")
         return {k: 1.0 for k in METRICS} | {"torch_threads": 1.0}
 
-    monkeypatch.setattr(zar.measure, "measure_in_subprocess", fake)
+    monkeypatch.setattr(zar.learn.measure, "measure_in_subprocess", fake)
     result = invoke("bench", "--models", "se,resnet", *FAST)
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == (

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zar.config import DATA_KEYS, FIELD_TYPES, NOT_SEARCHED, ConfigError, TrainConfig, from_dict, load_config
-from zar.data import load_data
+from zar.learn.data import load_data
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -21,10 +21,10 @@ from sklearn.datasets import load_digits
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from zar import data as data_module
-from zar import imagecache
 from zar.config import TrainConfig
-from zar.data import IMAGENET_MEAN, IMAGENET_STD, DataError, content_digest, load_data, resized_mean_std
+from zar.learn import data as data_module
+from zar.learn import imagecache
+from zar.learn.data import IMAGENET_MEAN, IMAGENET_STD, DataError, content_digest, load_data, resized_mean_std
 
 from helpers import ROOT
 
@@ -256,7 +256,7 @@ def test_decoding_in_processes_gives_the_same_cache_and_leaves_no_process(tmp_pa
 BUILD = """
 import sys
 from pathlib import Path
-from zar import imagecache
+from zar.learn import imagecache
 root = Path(sys.argv[1])
 files = [(str(p.relative_to(root)), ["cat", "dog"].index(p.parent.name)) for p in sorted(root.rglob("*.*"))]
 print(imagecache.load(root, ["cat", "dog"], files, 24, workers=1).digest)

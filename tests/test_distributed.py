@@ -26,7 +26,7 @@ from test_train import assert_complete_run
 from torch.utils.data import DataLoader
 
 from zar.config import TrainConfig
-from zar.data import load_data
+from zar.learn.data import load_data
 
 from helpers import all_runs, default_sigint, epochs, zar_subprocess
 

@@ -1,13 +1,13 @@
-"""zar.engine in process: a Trainer's state is everything needed to continue exactly."""
+"""zar.learn.engine in process: a Trainer's state is everything needed to continue exactly."""
 
 from __future__ import annotations
 
 import torch
 
 from zar.config import TrainConfig
-from zar.data import load_data
-from zar.engine import Trainer
-from zar.models import build_model
+from zar.learn.data import load_data
+from zar.learn.engine import Trainer
+from zar.learn.models import build_model
 
 CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu")
 

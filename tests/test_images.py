@@ -15,8 +15,8 @@ import pytest
 from PIL import Image, ImageOps
 from test_data import SIZE, Spy, age, cached_pixels, load, write_folder
 
-from zar import imagecache
-from zar.data import DataError
+from zar.learn import imagecache
+from zar.learn.data import DataError
 
 
 @pytest.fixture(autouse=True)

@@ -5,7 +5,7 @@ from torch import nn
 from torchvision.models import resnet34
 
 from zar.cli import cli
-from zar.models import VARIANTS, BasicBlock, ResNet, SqueezeExcite, build_model, count_params, get_variant
+from zar.learn.models import VARIANTS, BasicBlock, ResNet, SqueezeExcite, build_model, count_params, get_variant
 
 NAMES = list(VARIANTS)
 

@@ -5,8 +5,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from zar.config import load_config
-from zar.data import load_data
-from zar.engine import (
+from zar.learn.data import load_data
+from zar.learn.engine import (
     AUTO_BF16_MIN_IMAGE_SIZE,
     EVAL_BATCH_SIZE,
     Trainer,
@@ -15,7 +15,7 @@ from zar.engine import (
     native_bf16,
     resolve_precision,
 )
-from zar.models import build_model
+from zar.learn.models import build_model
 
 from helpers import TINY
 

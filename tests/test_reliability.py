@@ -125,7 +125,7 @@ def test_divergence_fails_the_run_at_once_with_epoch_and_step(store, zar):
 def test_divergence_after_a_good_epoch_keeps_its_checkpoint(store, zar, monkeypatch):
     """Poison the data from the second epoch on: epoch 1 is good, epoch 2 diverges."""
     from zar import training
-    from zar.data import load_data
+    from zar.learn.data import load_data
 
     class Poisoned(torch.utils.data.Dataset):
         def __init__(self, inner):

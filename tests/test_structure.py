@@ -1,6 +1,7 @@
 """The code's boundaries, read from its imports with ``ast``: folder rules, not lists of file names.
 
 - MLflow is imported only under zar/tracking/; click only under zar/cli/.
+- What learns (zar/learn/) knows nothing of runs: it imports only itself and the torch-free core.
 - No zar module imports another's private names, and no two zar modules import each other,
   directly or round a longer loop (imports inside functions count: they hide a cycle, not break it).
 - No module is longer than a reader can hold: MAX_LINES.
@@ -20,6 +21,8 @@ ZAR = Path(__file__).resolve().parents[1] / "zar"
 MODULES = sorted(ZAR.rglob("*.py"))
 MLFLOW_FOLDER = ZAR / "tracking"  # the one boundary to MLflow
 CLI_FOLDER = ZAR / "cli"  # the one place that speaks click
+LEARN_FOLDER = ZAR / "learn"
+CORE = {"zar.config", "zar.errors", "zar.checks", "zar.variants"}  # what every part may read
 MAX_LINES = 600
 # zar.tracking.X reads zar.tracking.client.X (the package loads it on first use, unseen by ast).
 PACKAGE_STANDS_FOR = {"zar.tracking": "zar.tracking.client"}
@@ -125,6 +128,15 @@ def test_only_the_tracking_folder_imports_mlflow(path):
 def test_only_the_cli_folder_imports_click(path):
     if CLI_FOLDER not in path.parents:
         assert "click" not in imported(path), f"{path.name} imports click; raise a zar.errors exception instead"
+
+
+LEARN = [p for p in MODULES if LEARN_FOLDER in p.parents]
+
+
+@pytest.mark.parametrize("path", LEARN, ids=ids(LEARN))
+def test_what_learns_imports_nothing_of_runs_tables_or_the_cli(path):
+    outside = {m for m in zar_imports(path) if not m.startswith("zar.learn") and m not in CORE}
+    assert outside == set(), f"{path.name} imports {', '.join(sorted(outside))}; return numbers to zar.training instead"
 
 
 @pytest.mark.parametrize("path", MODULES, ids=ids(MODULES))

@@ -164,7 +164,7 @@ def test_image_folder_trains_and_logs_class_names(store, zar, tmp_path):
 
 def test_digits_is_the_default_dataset(store):
     from zar.config import TrainConfig
-    from zar.data import load_data
+    from zar.learn.data import load_data
 
     data = load_data(TrainConfig())
     assert data.name == "digits" and data.classes == [str(d) for d in range(10)]

@@ -18,10 +18,11 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR
 from torch.utils.data import DataLoader
 
-from zar import engine, recording
+from zar import recording
 from zar.config import ConfigError, TrainConfig, load_config
-from zar.data import IMAGENET_MEAN, IMAGENET_STD, load_data
-from zar.engine import (
+from zar.learn import engine
+from zar.learn.data import IMAGENET_MEAN, IMAGENET_STD, load_data
+from zar.learn.engine import (
     Augment,
     Evaluation,
     Precision,
@@ -31,7 +32,7 @@ from zar.engine import (
     normalisation,
     train_one_epoch,
 )
-from zar.models import build_model
+from zar.learn.models import build_model
 
 from helpers import TINY, all_runs, epochs, runs_of
 

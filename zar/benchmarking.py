@@ -1,6 +1,6 @@
 """``zar bench`` from measurement to MLflow: every architecture measured in rounds, each recorded in a run.
 
-zar.measure measures one architecture in a fresh process and knows nothing of MLflow; this module
+zar.learn.measure measures one architecture in a fresh process and knows nothing of MLflow; this module
 interleaves the rounds (so that a drift of the machine reaches every architecture alike), then
 records each architecture's combined numbers as a run of its own, tagged ``zar.bench``, as
 zar.training records a training run. Under ``mlflow run -e bench`` those runs are children of
@@ -12,8 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import measure, tracking
-from .measure import BenchFailed, BenchSpec
+from . import tracking
+from .learn import measure
+from .learn.measure import BenchFailed, BenchSpec
 from .tracking import provenance, runs
 
 

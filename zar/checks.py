@@ -1,7 +1,7 @@
 """What a user can get wrong that needs neither torch nor MLflow to see, each checked in one place.
 
 The command line calls these before torch loads, so that a typo costs no wait; zar.training,
-zar.study and zar.data call them again for callers other than the command line.
+zar.study and zar.learn.data call them again for callers other than the command line.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def known_model(name: str) -> Variant:
 
 
 def check_data_path(data: str) -> None:
-    """A folder of images must exist and be a folder (what is inside is zar.data's to check)."""
+    """A folder of images must exist and be a folder (what is inside is zar.learn.data's to check)."""
     if data in BUILT_IN_DATA:
         return
     root = Path(data)

@@ -20,9 +20,9 @@ from .variants import DEPTHS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.engine)
-SCHEDULERS = ("none", "cosine", "onecycle")  # of the learning rate, stepped per batch (zar.engine)
-AUGMENTS = ("none", "flip", "randaugment")  # of each training image (zar.engine)
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.learn.engine)
+SCHEDULERS = ("none", "cosine", "onecycle")  # of the learning rate, stepped per batch (zar.learn.engine)
+AUGMENTS = ("none", "flip", "randaugment")  # of each training image (zar.learn.engine)
 MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
 SCALARS = (str, int, float, bool)
 
@@ -216,7 +216,7 @@ def _as_float(value: Any) -> Any:
 
 FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
 ROLE = {f.name: f.metadata["role"] for f in fields(TrainConfig)}
-# What zar.data reads: a study's children that agree on these share one load (tests/test_config.py checks).
+# What zar.learn.data reads: a study's children that agree on these share one load (tests/test_config.py checks).
 DATA_KEYS = tuple(k for k, role in ROLE.items() if role == DATA)
 # What the runs of one table row must agree on (zar.analysis.table guards it).
 MATCHED_KEYS = tuple(k for k, role in ROLE.items() if role in (DATA, TRAINING))

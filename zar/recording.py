@@ -20,13 +20,14 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.serialization import config as serialization_config
 
-from . import distributed, plots, tracking
+from . import plots, tracking
 from .checks import BUILT_IN_DATA
 from .config import TrainConfig, to_yaml
-from .data import DataBundle
-from .engine import EpochResult, Trainer
 from .errors import UserError, clip
-from .models import count_params
+from .learn import distributed
+from .learn.data import DataBundle
+from .learn.engine import EpochResult, Trainer
+from .learn.models import count_params
 
 
 @dataclass(frozen=True)

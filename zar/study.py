@@ -12,8 +12,8 @@ from .analysis.study_table import log_report, log_table
 from .analysis.table import DEFAULT_BASELINE, TableRow
 from .checks import check_study
 from .config import TrainConfig
-from .data import DataBundle, data_key, load_data
 from .errors import Interrupted, TrainingFailed, describe
+from .learn.data import DataBundle, data_key, load_data
 from .tracking import runs
 
 

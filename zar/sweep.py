@@ -32,8 +32,8 @@ from .analysis import trials
 from .analysis.render import render
 from .analysis.table import Table
 from .config import ROLE, RUNTIME, ConfigError, TrainConfig
-from .data import data_key, load_data
 from .errors import Interrupted, Pruned, UserError, describe
+from .learn.data import data_key, load_data
 from .space import Dim, as_dict, check_method, dims_for, grid, suggest
 from .tracking import runs
 from .tracking.store import redact

@@ -19,13 +19,14 @@ import torch
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Subset
 
-from . import distributed, tracking
+from . import tracking
 from .checks import known_model
 from .config import TrainConfig, from_dict
-from .data import DataBundle, load_data
-from .engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
 from .errors import Pruned, TrainingFailed, UserError, clip, describe
-from .models import build_model
+from .learn import distributed
+from .learn.data import DataBundle, load_data
+from .learn.engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
+from .learn.models import build_model
 from .recording import Prepared, Recorder
 from .tracking import FINISHED, RUNNING, provenance, runs
 

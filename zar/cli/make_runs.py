@@ -50,7 +50,7 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
         check_data_path(cfg.data)
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from .. import tracking, training
-    from ..distributed import close
+    from ..learn.distributed import close
 
     try:
         if resume_run:
@@ -229,8 +229,9 @@ def bench(models, depth, image_size, num_classes, se_reduction, device, min_time
         raise click.BadParameter("needs at least one model", param_hint="--models")
     check_study(models, models[0])  # each an architecture, named once
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
-    from .. import measure, tracking
+    from .. import tracking
     from ..benchmarking import run_benches
+    from ..learn import measure
 
     device = measure.device_name(device)
     specs = [measure.BenchSpec(m, int(depth), image_size, num_classes, se_reduction, device, min_time) for m in models]

@@ -19,7 +19,7 @@ from .output import emit
 @click.option("--num-classes", type=click.IntRange(min=1), default=10, show_default=True)
 def models(depth, num_classes):
     """List the architectures and their parameter counts."""
-    from ..models import build_model, count_params
+    from ..learn.models import build_model, count_params
 
     depth = int(depth)
     click.echo("| model | architecture | parameters |\n| --- | --- | ---: |")

@@ -4,7 +4,7 @@
 architecture (stratified, by ``split_seed``), with a fingerprint of the validation
 set so that runs can be proven to share it, and one of the data's content.
 
-An image folder is decoded once into zar.imagecache's memory-mapped cache; training reads
+An image folder is decoded once into zar.learn.imagecache's memory-mapped cache; training reads
 pixels from there, so no epoch and no later run decodes an image again. The digits and the
 synthetic data are kept at their native 8x8 and resized batch by batch, so that a large
 ``image_size`` costs no memory.
@@ -29,10 +29,10 @@ from torch.utils.data import Dataset
 from torch.utils.data._utils.collate import default_collate_fn_map
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..checks import check_data_path
+from ..config import DATA_KEYS, TrainConfig
+from ..errors import DataError
 from . import imagecache
-from .checks import check_data_path
-from .config import DATA_KEYS, TrainConfig
-from .errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

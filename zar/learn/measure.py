@@ -1,7 +1,7 @@
 """What each architecture costs to run: parameters, FLOPs, latency, throughput, a training step, memory.
 
 torch only, numbers in and numbers out: ``zar bench`` records them in MLflow. Each architecture
-is measured in a fresh Python process (``python -m zar.measure SPEC OUT``), because the peak
+is measured in a fresh Python process (``python -m zar.learn.measure SPEC OUT``), because the peak
 memory of a process (``ru_maxrss``) is its high-water mark over its whole life: measured one
 after another in one process, every architecture would carry the peaks of those before it.
 On Linux the process also resets its high-water mark once torch is imported (``/proc/self/clear_refs``),
@@ -15,10 +15,10 @@ is one thread), which synchronises the accelerator around each timed block:
   twice untimed before each timed one), so that its median and p90 are those of single calls;
 - throughput: batch ``BATCH``, inference mode, ``blocked_autorange`` (blocks of calls, median);
 - training step: batch ``BATCH``, forward, cross-entropy, backward and the study's optimizer step
-  (AdamW, fused, at the default config's lr and weight decay, as zar.engine makes it),
+  (AdamW, fused, at the default config's lr and weight decay, as zar.learn.engine makes it),
   ``blocked_autorange``, median.
 
-zar.engine is not imported: it brings the data stack (scikit-learn, torchvision), which would
+zar.learn.engine is not imported: it brings the data stack (scikit-learn, torchvision), which would
 add seconds and hundreds of MiB to every measuring process.
 
 Timings on a shared or throttled machine drift by tens of percent from one process to the next, so
@@ -49,10 +49,10 @@ from torch.nn import functional as F
 from torch.utils.benchmark import Measurement, Timer
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import TrainConfig
-from .errors import UserError, ZarException
+from ..config import TrainConfig
+from ..errors import UserError, ZarException
+from ..variants import get_variant
 from .models import build_model, count_params
-from .variants import get_variant
 
 LATENCY_BATCH = 1
 BATCH = 32  # throughput and training step: the study's batch size
@@ -206,7 +206,7 @@ def measure_in_subprocess(spec: BenchSpec) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "result.json"
         proc = subprocess.run(
-            [sys.executable, "-m", "zar.measure", json.dumps(asdict(spec)), str(result)],
+            [sys.executable, "-m", "zar.learn.measure", json.dumps(asdict(spec)), str(result)],
             capture_output=True,
             text=True,
         )
@@ -294,7 +294,7 @@ def render(results: list[tuple[BenchSpec, dict[str, float]]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m zar.measure SPEC_JSON OUT_PATH``: measure, write the numbers as JSON to OUT_PATH."""
+    """``python -m zar.learn.measure SPEC_JSON OUT_PATH``: measure, write the numbers as JSON to OUT_PATH."""
     spec_json, out_path = argv
     try:
         numbers = measure(BenchSpec(**json.loads(spec_json)))

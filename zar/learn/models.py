@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .variants import STAGE_BLOCKS, VARIANTS, Variant, get_variant  # noqa: F401  (re-exported)
+from ..variants import STAGE_BLOCKS, VARIANTS, Variant, get_variant  # noqa: F401  (re-exported)
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "mish": nn.Mish}
 STAGE_WIDTHS = (64, 128, 256, 512)

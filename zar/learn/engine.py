@@ -25,8 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
+from ..config import TrainConfig
 from . import distributed
-from .config import TrainConfig
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -139,7 +139,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per
 def normalisation(dataset: Dataset) -> tuple[list[float], list[float]]:
     """The per-channel mean and std the dataset's images were normalised with.
 
-    zar.data's SmallImages (digits, synthetic) carry their own scalar ``mean`` and ``std``; image
+    zar.learn.data's SmallImages (digits, synthetic) carry their own scalar ``mean`` and ``std``; image
     folders (CachedImages) are normalised with ImageNet's.
     """
     while isinstance(dataset, Subset):
