@@ -80,6 +80,9 @@ experiment_option = click.option(
     show_default=True,
     help="MLflow experiment to write runs to and read them from.",
 )
+filter_option = click.option(
+    "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
+)
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
 
 

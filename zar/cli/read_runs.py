@@ -10,7 +10,7 @@ import click
 
 from ..tracking.store import probe_server
 from ..variants import DEPTHS, VARIANTS
-from .options import baseline_values, comma_list, experiment_option
+from .options import baseline_values, comma_list, experiment_option, filter_option
 from .output import emit
 
 
@@ -31,9 +31,7 @@ def models(depth, num_classes):
 @click.command()
 @experiment_option
 @click.option("--parent", metavar="RUN_ID", help="Only the child runs of this study run.")
-@click.option(
-    "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
-)
+@filter_option
 @click.option(
     "--baseline", help="Architecture the others are compared to.  [default: resnet, where it has runs, else none]"
 )
@@ -134,9 +132,7 @@ def compare(
 @click.command()
 @experiment_option
 @click.option("--parent", metavar="RUN_ID", help="The study (or sweep) run whose children the report covers.")
-@click.option(
-    "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
-)
+@filter_option
 @click.option(
     "--format",
     "fmt",
