@@ -75,7 +75,11 @@ class Pruned(ZarException):
 
 
 def describe(error: BaseException) -> str:
-    """One line for a study's list of failures or a run's ``zar.error`` tag: the message, or type and message."""
-    if isinstance(error, ZarException):
+    """One line for a study's list of failures, a run's ``zar.error`` tag or the error the user reads:
+    zar's own message, or the type and the first line that says something (never an empty line,
+    whatever the message: empty, or starting with a newline)."""
+    if isinstance(error, ZarException) and str(error).strip():
         return str(error)
-    return f"{type(error).__name__}: {error}"
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__
+    return f"{name}: {lines[0]}" if lines else f"{name} (with no message)"

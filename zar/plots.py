@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,18 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def literal_text(plot):
+    """Text as given: class names and labels are user data, and matplotlib would read '$1_$5' in
+    'price_$1_$5' as math (and fail). Set per figure, not for the process that imports zar."""
+
+    @functools.wraps(plot)
+    def wrapper(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return plot(*args, **kwargs)
+
+    return wrapper
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -21,6 +34,7 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+@literal_text
 def curve(history: Sequence[dict], key: str, title: str, path: Path) -> Path:
     """Train and validation ``key`` per epoch, as in the study's accuracy and loss plots."""
     epochs = [h["epoch"] for h in history]
@@ -34,6 +48,7 @@ def curve(history: Sequence[dict], key: str, title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+@literal_text
 def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], title: str, path: Path) -> Path:
     n = len(labels)
     size = min(12, 3 + 0.5 * n)
@@ -65,6 +80,7 @@ def confusion_matrix(matrix: np.ndarray, labels: Sequence[str], title: str, path
     return _save(fig, path)
 
 
+@literal_text
 def val_acc_per_epoch(series: dict[str, Sequence[dict]], path: Path) -> Path:
     """One line per run label: validation accuracy (%) per epoch."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -77,6 +93,7 @@ def val_acc_per_epoch(series: dict[str, Sequence[dict]], path: Path) -> Path:
     return _save(fig, path)
 
 
+@literal_text
 def final_val_acc_bars(names: Sequence[str], means: Sequence[float], stds: Sequence[float], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = np.arange(len(names))
@@ -116,6 +133,7 @@ def _epoch_axis(ax, epochs: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+@literal_text
 def mean_band(series: Sequence[Series], ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
     """Per row, the mean over its runs (line) and their min-max (band, where there are several)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -132,6 +150,7 @@ def mean_band(series: Sequence[Series], ylabel: str, title: str, path: Path, sca
     return _save(fig, path)
 
 
+@literal_text
 def losses(train: Sequence[Series], val: Sequence[Series], path: Path) -> Path:
     """Per row, the mean training loss (dashed) and validation loss (solid) over its runs."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -146,6 +165,7 @@ def losses(train: Sequence[Series], val: Sequence[Series], path: Path) -> Path:
     return _save(fig, path)
 
 
+@literal_text
 def confusion_grid(matrices: Sequence[tuple[str, str, np.ndarray]], labels: Sequence[str], path: Path) -> Path:
     """The rows' confusion matrices side by side, each titled and framed in its row's colour."""
     n, k = len(matrices), len(labels)

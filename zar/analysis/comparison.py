@@ -26,6 +26,7 @@ class Comparison:
     group_by: list[str]
     experiment: str
     parent: str | None
+    filter_string: str | None = None  # the user's --filter, as given
 
     @property
     def usage(self) -> str:
@@ -50,6 +51,7 @@ def comparison(
     study's run, a row per value of what that study varied (unless ``group_by`` says otherwise).
     """
     baseline_value = baseline_value or {}
+    user_filter = filter_string
     found = describe_parent(parent) if parent else None
     tuned = found.tuned_keys if found is not None else None
     if tuned is not None:
@@ -72,7 +74,7 @@ def comparison(
     table = build_table(
         fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench, tuned=tuned or ()
     )
-    return Comparison(table, fetched, warnings, group_by, experiment, parent)
+    return Comparison(table, fetched, warnings, group_by, experiment, parent, user_filter)
 
 
 def keep_in_env_run(text: str, fmt: str) -> None:

@@ -68,14 +68,11 @@ def render(table: list[TableRow], fmt: str = "markdown") -> str:
     """The table as Markdown or LaTeX (notes under it), or CSV or JSON (the metrics named in each row)."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
-    select = getattr(table, "select", table[0].select if table else "last")
     notes = getattr(table, "notes", [])
     compared, with_bench = getattr(table, "compared", True), getattr(table, "with_bench", False)
-    headers = columns(select) + (BENCH_COLUMNS if with_bench else [])
+    headers, rows = table_cells(table)
     if fmt == "markdown":
-        lines = ["| " + " | ".join(headers) + " |", "| --- | " + " | ".join([":-:"] * (len(headers) - 1)) + " |"]
-        lines += ["| " + " | ".join(_cells(r, "±", compared, with_bench)) + " |" for r in table]
-        return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+        return markdown_table(headers, rows) + "\n" + "".join(f"\n{n}" for n in notes) + ("\n" if notes else "")
     if fmt == "csv":
         records = [_csv_record(r, with_bench) for r in table]
         buf = io.StringIO()
@@ -101,6 +98,21 @@ def _latex_table(table: list[TableRow], headers: list[str], notes: list[str], co
     if notes:  # in a group of its own, so that the small type ends with them
         lines += [r"\par{\footnotesize"] + [_latex(n) + r"\par" for n in notes] + ["}"]
     return "\n".join(lines) + "\n"
+
+
+def table_cells(table: list[TableRow]) -> tuple[list[str], list[list[str]]]:
+    """The headers and each row's cells, as text: what every format of the table shows."""
+    select = getattr(table, "select", table[0].select if table else "last")
+    compared, with_bench = getattr(table, "compared", True), getattr(table, "with_bench", False)
+    headers = columns(select) + (BENCH_COLUMNS if with_bench else [])
+    return headers, [_cells(r, "±", compared, with_bench) for r in table]
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; a '|' in a cell (a folder or class name) is escaped, or it would start a new cell."""
+    cell = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(cell, headers)) + " |", "| --- | " + " | ".join([":-:"] * (len(headers) - 1)) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(map(cell, r)) + " |" for r in rows])
 
 
 def _latex(text: str) -> str:

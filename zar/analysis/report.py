@@ -14,6 +14,7 @@ import base64
 import html
 import json
 import math
+import shlex
 import statistics
 import tempfile
 from collections import Counter
@@ -27,7 +28,7 @@ from ..errors import UserError
 from ..tracking import runs
 from ..tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
 from .comparison import Comparison
-from .render import render
+from .render import markdown_table, render, table_cells
 from .table import TableRow
 
 FORMATS = ("html", "markdown")
@@ -201,13 +202,16 @@ def provenance(report: Report) -> list[tuple[str, str]]:
 
 
 def _rerun_command(report: Report) -> str:
+    """The command that prints this table, quoted as a shell reads it."""
     found = report.comparison
-    args = ["zar compare", f"--experiment {found.experiment}"]
+    args = ["zar", "compare", "--experiment", found.experiment]
     if found.parent:
-        args.append(f"--parent {found.parent}")
+        args += ["--parent", found.parent]
+    if found.filter_string:
+        args += ["--filter", found.filter_string]
     if found.table.with_bench:
         args.append("--with-bench")
-    return " ".join(args)
+    return shlex.join(args)
 
 
 # --- HTML and Markdown -----------------------------------------------------------------------------------
@@ -238,10 +242,8 @@ def _html_table(headers: list[str], rows: list[list[str]], colors: list[str] | N
 
 
 def _table_cells(report: Report) -> tuple[list[str], list[list[str]]]:
-    """The comparison's Markdown table, split into cells: the same text ``zar compare`` prints."""
-    lines = render(report.comparison.table, "markdown").split("\n\n")[0].strip().splitlines()
-    split = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
-    return split[0], split[2:]
+    """The comparison's cells: the same text ``zar compare`` prints."""
+    return table_cells(report.comparison.table)
 
 
 def _notes(report: Report) -> list[str]:
@@ -287,11 +289,6 @@ def to_html(report: Report, images: dict[str, Path]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _md_table(headers: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "| --- | " + " | ".join([":-:"] * (len(headers) - 1)) + " |"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
 def to_markdown(report: Report, images: dict[str, Path]) -> str:
     parts = [
         f"# {report.title}",
@@ -309,7 +306,7 @@ def to_markdown(report: Report, images: dict[str, Path]) -> str:
         if key in images:
             parts += ["", f"## {caption}", "", f"![{caption}]({images[key].name})"]
     headers, cost = cost_table(report)
-    parts += ["", "## Cost per architecture", "", _md_table(headers, cost), ""]
+    parts += ["", "## Cost per architecture", "", markdown_table(headers, cost), ""]
     parts += ["## What was compared", ""] + [f"- **{k}**: {v}" for k, v in provenance(report)]
     parts += ["", "## Runs", ""]
     for row in report.rows:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import sys
-from urllib.parse import urlparse
 
 import click
 
-from ..errors import ZarException
-from ..tracking.store import ENV_RUN_ID
+from ..errors import ZarException, describe
+from ..tracking.store import ENV_RUN_ID, redact_text
 from .make_runs import bench, study, sweep, train
 from .read_runs import compare, models, report, runs, ui
 
@@ -40,22 +39,16 @@ class ZarGroup(click.Group):
         except Exception as e:  # not a user mistake: still one line (ZAR_DEBUG=1 shows the traceback)
             if os.environ.get("ZAR_DEBUG"):
                 raise
-            message, exit_code = f"{type(e).__name__}: {e}".splitlines()[0], 1
+            message, exit_code = describe(e), 1
         else:
             sys.exit(code if isinstance(code, int) else 0)
-        message = hide_password(message)
+        message = redact_text(message)
         if os.environ.get(ENV_RUN_ID):  # still set: zar failed before it adopted that run
             from ..tracking.runs import fail_env_run
 
             fail_env_run(message)
         click.echo(f"Error: {message}", err=True)
         sys.exit(exit_code)
-
-
-def hide_password(text: str) -> str:
-    """``text`` with the tracking URI's password masked, wherever a library's message repeated it."""
-    password = urlparse(os.environ.get("MLFLOW_TRACKING_URI", "")).password
-    return text.replace(password, "***") if password else text
 
 
 @click.group(cls=ZarGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

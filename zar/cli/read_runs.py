@@ -156,6 +156,8 @@ def report(experiment, parent, filter_string, fmt, output, title):
     output = Path(output or ("report.html" if fmt == "html" else "report"))
     if fmt == "html" and output.is_dir():
         raise click.BadParameter(f"{output} is a folder; name the HTML file to write", param_hint="--output")
+    if fmt == "markdown" and output.exists() and not output.is_dir():
+        raise click.BadParameter(f"{output} is a file; name the folder to write report.md into", param_hint="--output")
     if not output.parent.is_dir():  # the html file's folder, or the markdown folder's parent
         raise click.BadParameter(f"folder {output.parent} does not exist", param_hint="--output")
     probe_server()
@@ -180,13 +182,20 @@ def report(experiment, parent, filter_string, fmt, output, title):
     show_default=True,
     help="Address to listen on; anything but loopback lets others on the network read every run.",
 )
+@click.option(
+    "--allowed-hosts",
+    metavar="NAME[,NAME]",
+    help="Host names browsers may reach the UI by, besides localhost and private IPs (MLflow's "
+    "--allowed-hosts; MLflow answers any other name with 403).",
+)
 @experiment_option
-def ui(port, host, experiment):
+def ui(port, host, allowed_hosts, experiment):
     """Start MLflow's UI on zar's store and print the link to the training runs table."""
     probe_server()
     from ..ui import serve
 
-    sys.exit(serve(host, port, experiment, click.echo))
+    warn = lambda line: click.echo(line, err=True)  # noqa: E731
+    sys.exit(serve(host, port, experiment, click.echo, allowed_hosts=allowed_hosts, warn=warn))
 
 
 @click.command()

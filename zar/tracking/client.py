@@ -35,7 +35,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import OperationalError
 
 from ..errors import UserError, clip
-from .store import DEFAULT_EXPERIMENT, probe_server, redact, without_credentials  # noqa: F401  (re-exported)
+from .store import DEFAULT_EXPERIMENT, probe_server, redact, redact_text, without_credentials  # noqa: F401  (re-exported)
 
 TAG_MODEL = "zar.model"
 TAG_DISPLAY = "zar.display_name"
@@ -67,6 +67,9 @@ FINISHED, FAILED, KILLED, RUNNING = (
 SYSTEM_METRICS_INTERVAL_S = 2
 mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
 mlflow.set_system_metrics_samples_before_logging(1)
+# MLflow's own "View run ... at: URI" lines print the tracking URI as given, password and all, and
+# open the GenAI view; zar prints its own links (redacted, to the training runs table) instead.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 # MLflow's migrations and start-up chatter is noise on every command.
 for _name in (
@@ -247,8 +250,8 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
 @_retry_locked
 def end_run(run_id: str, status: str, error: str | None = None) -> None:
     """Close a run for good; the fluent stack is cleared too if it holds this run."""
-    if error:
-        mlflow_client().set_tag(run_id, TAG_ERROR, error[:5000])
+    if error:  # a library's message may hold a URL with its password (an Optuna storage's, a server's)
+        mlflow_client().set_tag(run_id, TAG_ERROR, redact_text(error)[:5000])
     active = mlflow.active_run()
     if active is not None and active.info.run_id == run_id:
         mlflow.end_run(status)
