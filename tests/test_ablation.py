@@ -210,6 +210,8 @@ def test_ablation_with_jobs_gives_each_child_its_config_through_its_params_file(
         (["--vary", "seed=1,2"], "vary the seed with --seeds"),
         (["--vary", "se_reduction=4", "--se-reduction", "8"], "--se-reduction and --vary se_reduction both set"),
         (["--vary", "data=synthetic,no_such_folder"], "data folder no_such_folder does not exist"),
+        # auto is fp32 below 64 px: the two values would train each run twice and average it as two samples
+        (["--vary", "precision=fp32,auto"], "--vary: precision=fp32 and precision=auto train the same run here"),
     ],
 )
 def test_a_bad_vary_is_one_line_exit_2_and_no_run(store, args, message):

@@ -454,3 +454,18 @@ def test_a_key_an_older_run_did_not_record_counts_as_its_default(client):
     rows = [r[0] for r in markdown_rows(result.stdout)]
     assert rows == ["ResNet-34 (scheduler=cosine)", "ResNet-34 (scheduler=none)"]
     assert "| ResNet-34 (scheduler=none) | 95.50 ± 0.71 | 91.00 ± 1.41 |" in result.stdout
+
+
+def test_a_baseline_with_rows_at_several_se_ratios_is_refused_not_picked_at_random():
+    """Every SE row was marked 'baseline' and ResNet compared to whichever came last."""
+    rows = [row("resnet", 0.80, seed=s) for s in "12"]
+    for ratio, val in ((4, 0.82), (16, 0.83)):
+        name = VARIANTS["se"].display_name(34, ratio)
+        rows += [RunRow(f"{name}-{s}", "se", name, val, val, 1, 34, {"lr": "0.001"}, s) for s in "12"]
+    with pytest.raises(UserError, match=r"baseline se has more than one row of the same settings \(SE-ResNet-34"):
+        build_table(rows, "se")
+    assert {r.name: r.is_baseline for r in build_table(rows, "resnet")} == {
+        "ResNet-34": True,
+        "SE-ResNet-34 (r=4)": False,
+        "SE-ResNet-34": False,
+    }

@@ -224,3 +224,21 @@ def test_study_refuses_repeats_and_bad_seeds_before_any_run(store, args, message
     result = invoke("study", *TINY, *args)
     assert result.exit_code == 2 and message in result.output, result.output
     assert runs() == []
+
+
+def test_the_studys_table_prints_the_warnings_zar_compare_prints(store):
+    """Children that differ in a setting the study did not vary (here: a child added by hand with
+    another lr) get rows of their own, and the study says why, as zar compare does."""
+    from zar.analysis.study_table import log_table
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment("zar")
+    parent = client.create_run(experiment_id, tags={"zar.study": "1"}).info.run_id
+    for extra in ([], ["--lr", "0.01"]):
+        assert invoke("train", "--model", "resnet", *TINY, "--parent-run", parent, *extra).exit_code == 0
+    lines = []
+    table = log_table(parent, experiment_id, ["resnet"], "resnet", lines.append)
+    assert len(table) == 2
+    assert [line for line in lines if line.startswith("Warning: ")] == [
+        "Warning: runs differ in more than model and seed: lr: 0.001, 0.01 (split into rows named by lr)"
+    ]

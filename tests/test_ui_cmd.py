@@ -89,3 +89,24 @@ def test_no_store_is_said_before_any_server_starts(tmp_path, monkeypatch):
     result = invoke("ui", "--port", str(free_port()))
     assert result.exit_code == 2 and "no MLflow store at" in result.output, result.output
     assert not (tmp_path / "none.db").exists() and not (tmp_path / "mlflow-ui.log").exists()
+
+
+def test_listening_beyond_loopback_warns_that_every_run_is_readable_and_names_the_host_check(store):
+    with socket.socket() as taken:  # the port is taken: the warning comes first, then the error, no server
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = invoke("ui", "--host", "0.0.0.0", "--port", str(port))
+    assert result.exit_code == 2
+    warning, error = result.stderr.splitlines()
+    assert warning.startswith(f"Warning: listening on 0.0.0.0:{port}, anyone who can reach it reads every run")
+    assert "403 Invalid Host header" in warning and "--allowed-hosts NAME" in warning
+    assert error.startswith(f"Error: cannot listen on 0.0.0.0:{port}")
+
+
+def test_allowed_hosts_reach_mlflows_own_option(store):
+    from zar.ui import ui_command
+
+    cmd = ui_command(store, "0.0.0.0", 5000, "runs.example.org")
+    assert cmd[cmd.index("--allowed-hosts") + 1] == "runs.example.org" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "--allowed-hosts" not in ui_command(store, "127.0.0.1", 5000)

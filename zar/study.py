@@ -12,7 +12,7 @@ from .analysis.study_table import log_report, log_table
 from .analysis.table import DEFAULT_BASELINE, TableRow
 from .checks import check_study
 from .config import TrainConfig
-from .errors import Interrupted, TrainingFailed, describe
+from .errors import Interrupted, TrainingFailed, UserError, describe
 from .learn.data import DataBundle, data_key, load_data
 from .tracking import runs
 
@@ -47,6 +47,7 @@ def run_study(
     cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
     # Every child's config, built and resolved now: a bad value or device fails before any run.
     kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, seeds, cfg, vary)]
+    _check_distinct(kids)
     data = {}  # once per distinct data: a bad folder fails now, and images are decoded once
     for kid in kids:
         if data_key(kid.cfg) not in data:
@@ -74,6 +75,20 @@ def run_study(
         if failures:
             raise TrainingFailed(f"{len(failures)} of {len(kids)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
+
+
+def _check_distinct(kids: list[Child]) -> None:
+    """Two varied values that resolve to one config ('auto' is fp32 here) would train one run twice and
+    average it as two samples."""
+    seen: dict[tuple, Child] = {}
+    for kid in kids:
+        first = seen.setdefault((kid.model, kid.cfg), kid)
+        if first is not kid:
+            differ = [f"{k}={a} and {k}={b}" for (k, a), (_, b) in zip(first.varied, kid.varied) if a != b]
+            raise UserError(
+                f"--vary: {', '.join(differ)} train the same run here ({first.label} and {kid.label} resolve "
+                f"to one config, e.g. 'auto' to what this machine runs); drop one of the values"
+            )
 
 
 def default_baseline(models: list[str]) -> str:

@@ -24,7 +24,17 @@ from .errors import UserError
 START_TIMEOUT_S = 120.0  # the first start migrates the store and builds the app: tens of seconds here
 
 
-def serve(host: str, port: int, experiment: str, echo: Callable[[str], None]) -> int:
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def serve(
+    host: str,
+    port: int,
+    experiment: str,
+    echo: Callable[[str], None],
+    allowed_hosts: str | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> int:
     """Run the UI until Ctrl-C or SIGTERM; returns the exit code."""
     uri = tracking.tracking_uri()
     if uri.startswith(("http://", "https://")):
@@ -35,12 +45,11 @@ def serve(host: str, port: int, experiment: str, echo: Callable[[str], None]) ->
     if not uri.startswith("sqlite:"):
         raise UserError(f"zar ui serves a SQLite store; MLFLOW_TRACKING_URI is {tracking.shown_uri()}")
     tracking.check_reachable(create=False)  # no runs here is said now, not by an empty UI
+    if host not in LOOPBACK:
+        (warn or echo)(exposed_warning(host, port, allowed_hosts))
     _check_port(host, port)
     address = f"http://{host}:{port}"
-    cmd = [
-        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
-        "--default-artifact-root", str(tracking.local_folder() / "mlruns"), "--workers", "1",
-    ]  # fmt: skip
+    cmd = ui_command(uri, host, port, allowed_hosts)
     log_path = tracking.local_folder() / "mlflow-ui.log"
     with open(log_path, "w") as log:  # the server's own chatter; its workers share the session: stopped together
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -56,6 +65,26 @@ def serve(host: str, port: int, experiment: str, echo: Callable[[str], None]) ->
     finally:
         signal.signal(signal.SIGTERM, previous)
         _stop(proc)
+
+
+def ui_command(uri: str, host: str, port: int, allowed_hosts: str | None = None) -> list[str]:
+    """MLflow's UI on the SQLite store ``uri``, its artifacts beside it, one worker."""
+    cmd = [
+        sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+        "--default-artifact-root", str(tracking.local_folder() / "mlruns"), "--workers", "1",
+    ]  # fmt: skip
+    return cmd + (["--allowed-hosts", allowed_hosts] if allowed_hosts else [])
+
+
+def exposed_warning(host: str, port: int, allowed_hosts: str | None) -> str:
+    """What listening beyond loopback means: every run readable, and MLflow's own check of host names."""
+    names = (
+        f"browsers may reach it as {allowed_hosts}, localhost or a private IP"
+        if allowed_hosts
+        else "MLflow answers browsers that reach it by any name but localhost or a private IP with "
+        "'403 Invalid Host header': pass --allowed-hosts NAME for those"
+    )
+    return f"Warning: listening on {host}:{port}, anyone who can reach it reads every run, unauthenticated; {names}."
 
 
 def _interrupt(signum, frame):

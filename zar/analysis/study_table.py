@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import plots, tracking
 from .comparison import comparison
 from .fetch import describe_usage, fetch_runs
-from .grouping import run_label
+from .grouping import check_comparable, run_label
 from .render import render
 from .report import write_report
 from .table import TableRow, build_table
@@ -31,6 +31,7 @@ def log_table(
         base = next((m for m in models if m in finished), min(finished))
         echo(f"No {baseline} run finished: the table compares to {base} instead.")
     table = build_table(fetched.rows, base, group_by=group_by)
+    warnings = check_comparable(fetched.rows, strict=False, group_by=group_by)
     markdown = render(table, "markdown")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
@@ -55,6 +56,8 @@ def log_table(
         tracking.log_artifacts(run_id, tmp)
     tracking.log_metrics(run_id, table_metrics(table))
     echo("")
+    for warning in warnings:  # as zar compare prints them
+        echo(f"Warning: {warning}")
     echo(markdown)
     echo(describe_usage(len(fetched.rows), fetched.left_out))
     return table

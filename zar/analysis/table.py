@@ -169,7 +169,14 @@ def _baseline(rows: list[RunRow], baseline: str | None, baseline_value: dict[str
 def _bases(groups: dict[tuple, list[RunRow]], group_by, baseline, baseline_value) -> dict[tuple, tuple]:
     """Each row's key -> (whether it is a baseline row, the key of the row it is compared to or None)."""
     # Where each row finds the row it is compared to: same depth, settings (and, by value, architecture).
-    bases = {key[1:]: key for key, g in groups.items() if g[0].model == baseline}
+    bases: dict[tuple, tuple] = {}
+    for key, g in groups.items():
+        if not baseline_value and g[0].model == baseline and bases.setdefault(key[1:], key) != key:
+            raise UserError(
+                f"baseline {baseline} has more than one row of the same settings ({bases[key[1:]][0]}, {key[0]}): "
+                "pick one with --filter, or compare each row with its own architecture by --baseline-value "
+                "(e.g. se_reduction=16)"
+            )
     same_arch = {}
     for key, g in groups.items():
         same_arch.setdefault((g[0].model, base_name(key[0], group_by), *key[1:]), key)
