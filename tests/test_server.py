@@ -177,3 +177,15 @@ def test_two_workers_share_one_sweep_on_postgresql(server, work, tmp_path):
     (row,) = [line for line in output.splitlines() if line.startswith("| ResNet-18 |")]
     finished, pruned, failed = map(int, re.search(r"\| (\d+) / (\d+) / (\d+) \|", row).groups())
     assert finished + pruned + failed == 6, row  # the table counts the other worker's trials too
+
+
+def test_a_password_in_the_tracking_uri_is_printed_nowhere(server, work):
+    """zar masked it in its own lines; MLflow's 'View run ... at: http://alice:s3cret@...' printed it."""
+    uri = server.address.replace("://", "://alice:s3cret@", 1)
+    result = zar(
+        "train", "--model", "resnet", *TINY, "--experiment", work, env={**os.environ, "MLFLOW_TRACKING_URI": uri}
+    )
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout + result.stderr
+    assert "s3cret" not in printed and "View run" not in printed
+    assert f"Run: {server.address}/#/experiments/" in printed  # zar's own link, without credentials

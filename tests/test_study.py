@@ -197,7 +197,8 @@ def test_interrupting_a_parallel_study_leaves_no_run_running(store):
     out, _ = proc.communicate(timeout=300)
     output = "".join(lines) + out
     assert proc.returncode == 130, output
-    assert "study run" in output.splitlines()[-1] and "marked KILLED" in output.splitlines()[-1]
+    last = output.splitlines()[-1]  # how to continue the study, not one of its children
+    assert "marked KILLED" in last and "zar study --resume" in last and "zar train --resume" not in last
     found = runs()
     assert len(found) == 3 and {r.info.status for r in found} == {"KILLED"}, [
         (r.info.run_name, r.info.status, r.data.tags.get("zar.error")) for r in found

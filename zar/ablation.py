@@ -85,6 +85,12 @@ class Child:
     model: str
     cfg: TrainConfig
     varied: tuple[tuple[str, Any], ...] = ()
+    resume: str | None = None  # the run an interrupted attempt left, continued from its checkpoint
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """What tells this child's run from its siblings', as its params record it."""
+        return (self.model, str(self.cfg.seed), *(str(getattr(self.cfg, k)) for k, _ in self.varied))
 
     @property
     def label(self) -> str:

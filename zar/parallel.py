@@ -131,21 +131,12 @@ def train_children(
 def _run_child(
     live: Children, i: int, jobs: int, child: Child, params: Path, parent_run_id: str, experiment: str, echo
 ) -> str | None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "zar",
-        "train",
-        "--model",
-        child.model,
-        "--params",
-        str(params),
-        "--experiment",
-        experiment,
-        "--parent-run",
-        parent_run_id,
-        "--no-progress",
-    ]
+    zar = [sys.executable, "-m", "zar", "train", "--no-progress"]
+    if child.resume:  # an interrupted attempt's run, with its own settings, under its parent already
+        cmd = [*zar, "--resume", child.resume]
+    else:
+        cmd = [*zar, "--model", child.model, "--params", str(params), "--experiment", experiment]
+        cmd += ["--parent-run", parent_run_id]
     proc = live.start(i, cmd, child_env(i % jobs, jobs))
     if proc is None:
         return None  # the study is stopping: this child never started

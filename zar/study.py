@@ -1,20 +1,30 @@
 """The whole study: one parent run, one nested training run per model and seed (and, in an
-ablation, per combination of the varied values: zar.ablation), one table grouped by those values."""
+ablation, per combination of the varied values: zar.ablation), one table grouped by those values.
+
+A study continues after any interruption: the same command again (or ``zar study --resume
+PARENT``) finds its unfinished parent by the hash of its settings, data and code, keeps the
+children that FINISHED, resumes the others from their checkpoints, starts those never started,
+and ends with one run per child and the table an uninterrupted study would have printed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from . import ablation, parallel, tracking, training
 from .ablation import Child
 from .analysis.study_table import log_report, log_table
 from .analysis.table import DEFAULT_BASELINE, TableRow
 from .checks import check_study
-from .config import TrainConfig
+from .config import ROLE, RUNTIME, TrainConfig, from_dict
 from .errors import Interrupted, TrainingFailed, UserError, describe
 from .learn.data import DataBundle, data_key, load_data
-from .tracking import runs
+from .tracking import provenance, runs
+
+CONTINUE_HINT = "run the same command again, or 'zar study --resume {run_id}', to continue it"
 
 
 @dataclass
@@ -23,6 +33,39 @@ class StudyResult:
     experiment_id: str
     table: list[TableRow]
     failures: list[str]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What makes a study what it is: the same spec, on the same data, with the same code, is the same study."""
+
+    models: list[str]
+    seeds: list[int]
+    cfg: TrainConfig  # resolved: the precision that runs, never 'auto'
+    vary: dict[str, list]
+    baseline: str | None
+    data: list[str]  # the data fingerprint of each distinct data the children train on
+    code: dict[str, str]  # zar's version and the git commit (provenance.RESUME_KEYS)
+
+    @property
+    def key(self) -> str:
+        settings = {**asdict(self), "cfg": {k: v for k, v in self.cfg.to_dict().items() if ROLE[k] != RUNTIME}}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "cfg": self.cfg.to_dict()}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudySpec:
+        values = json.loads(text)
+        return cls(**{**values, "cfg": from_dict(values["cfg"])})
+
+    def changed(self, then: StudySpec) -> str | None:
+        """What differs from the spec a study was started with, in words; None when nothing does."""
+        for name, now, before in (("data fingerprint", self.data, then.data), ("code", self.code, then.code)):
+            if now != before:
+                return f"its {name} was {before}, now {now}"
+        return None if self.key == then.key else "its settings differ"
 
 
 def run_study(
@@ -35,12 +78,15 @@ def run_study(
     echo: Callable[[str], None] = training.print_line,
     jobs: int = 1,
     vary: dict[str, list] | None = None,
+    resume_run_id: str | None = None,
 ) -> StudyResult:
     """Train every model with every seed (and every combination of ``vary``'s values) as children
     of one parent run, then report the table, grouped by the varied keys.
 
     ``baseline=None``: resnet when it is among ``models``, else no row is compared to another.
-    ``jobs > 1`` trains up to that many children at once, each in a process of its own.
+    ``jobs > 1`` trains up to that many children at once, each in a process of its own. An
+    unfinished study with the same settings, data and code is continued, not started again;
+    ``resume_run_id`` names the study to continue (refused when its data or code changed).
     """
     vary = vary or {}
     check_study(models, baseline or default_baseline(models), seeds)
@@ -52,20 +98,30 @@ def run_study(
     for kid in kids:
         if data_key(kid.cfg) not in data:
             data[data_key(kid.cfg)] = load_data(kid.cfg)
+    code = {k: v for k, v in provenance.code_tags().items() if k in provenance.RESUME_KEYS}
+    fingerprints = sorted({d.data_fingerprint for d in data.values()})
+    spec = StudySpec(models, seeds, cfg, vary, baseline, fingerprints, code)
     tracking.check_reachable()
     run_name = f"study-{len(models)}x{len(seeds)}" + (f"-vary-{'-'.join(vary)}" if vary else "")
-    parent = runs.start(experiment, run_name)  # under 'mlflow run', the run it made
+    parent, continued = _parent(spec, experiment, run_name, resume_run_id)
     run_id = parent.info.run_id
-    with runs.closing(run_id, {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name}):
-        params = {k: v for k, v in cfg.to_dict().items() if k not in vary}  # a varied key has no one value
-        params.update(models=",".join(models), seeds=",".join(map(str, seeds)), jobs=jobs)
-        if vary:
-            params["vary"] = ablation.describe(vary)
-        tracking.log_params(run_id, params)
+    with runs.closing(
+        run_id,
+        {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name, **provenance.code_tags()},
+        continue_hint=CONTINUE_HINT.format(run_id=run_id),
+    ):
+        if not continued:
+            params = {k: v for k, v in cfg.to_dict().items() if k not in vary}  # a varied key has no one value
+            params.update(models=",".join(models), seeds=",".join(map(str, seeds)), jobs=jobs)
+            if vary:
+                params["vary"] = ablation.describe(vary)
+            tracking.log_params(run_id, params)
+        else:
+            kids = _continue(kids, run_id, echo)
         if jobs > 1:
             failures = parallel.train_children(kids, run_id, experiment, jobs, echo)
         else:
-            failures = _train_in_process(kids, experiment, progress, echo, data)
+            failures = _train_in_process(kids, experiment, progress, echo, data, CONTINUE_HINT.format(run_id=run_id))
         table = log_table(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
             try:
@@ -73,8 +129,86 @@ def run_study(
             except Exception as e:  # the runs and the table are recorded: a page that fails must not fail them
                 echo(f"Report not written: {describe(e)}; 'zar report --parent {run_id}' tries again")
         if failures:
+            echo(f"{len(failures)} runs failed: {CONTINUE_HINT.format(run_id=run_id)} once their cause is fixed.")
             raise TrainingFailed(f"{len(failures)} of {len(kids)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
+
+
+def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=training.print_line) -> StudyResult:
+    """Continue the study run ``run_id`` with the settings it was started with."""
+    tracking.check_reachable()
+    run = tracking.get_run(run_id)
+    if tracking.TAG_STUDY_SPEC not in run.data.tags:
+        raise UserError(f"run {run_id} is not a zar study that can continue (no tag {tracking.TAG_STUDY_SPEC})")
+    if run.info.status == tracking.FINISHED:
+        raise UserError(f"study run {run_id} is already FINISHED; there is nothing to continue")
+    spec = StudySpec.from_json(run.data.tags[tracking.TAG_STUDY_SPEC])
+    experiment = tracking.experiment_name(run.info.experiment_id)
+    return run_study(
+        spec.models, spec.seeds, spec.cfg, experiment, spec.baseline, progress, echo, jobs, spec.vary, run_id
+    )
+
+
+def _parent(spec: StudySpec, experiment: str, run_name: str, resume_run_id: str | None):
+    """The study's parent run, and whether it continues an earlier attempt."""
+    if resume_run_id is not None:
+        run = tracking.get_run(resume_run_id)
+        then = StudySpec.from_json(run.data.tags[tracking.TAG_STUDY_SPEC])
+        changed = spec.changed(then)
+        if changed:
+            raise UserError(f"study run {resume_run_id} cannot continue: {changed}; start a new study instead")
+        if run.info.status == tracking.RUNNING and runs.process_alive(run.data.tags) is not False:
+            raise UserError(f"study run {resume_run_id} is still running ({_holder(run)}); wait for it or stop it")
+        return runs.reopen(resume_run_id), True
+    tags = {tracking.TAG_STUDY: "1", tracking.TAG_STUDY_SPEC: spec.to_json()}
+    found = runs.find_or_start_parent(
+        experiment, run_name, tracking.TAG_STUDY_KEY, spec.key, tags, reuse_finished=False
+    )
+    if found.holder is not None:
+        raise UserError(
+            f"the same study is running as run {found.run.info.run_id} ({found.holder}); wait for it or stop it"
+        )
+    return found.run, found.was is not None
+
+
+def _holder(run) -> str:
+    tags = run.data.tags
+    return f"process {tags.get(tracking.TAG_PID, '?')} on {tags.get(tracking.TAG_HOST, '?')}"
+
+
+def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
+    """The children still to train: each FINISHED one is kept and not trained again; an interrupted one
+    with a checkpoint here is resumed; every other run of a child (none, or no checkpoint) is
+    discarded, so that each child ends with exactly one run."""
+    runs.close_orphans(parent_run_id, tracking.KILLED)  # children whose process died with the study's
+    by_key: dict[tuple, list] = {}
+    for run in tracking.children(parent_run_id):
+        by_key.setdefault(_run_key(run, kids), []).append(run)
+    todo, kept = [], 0
+    for kid in kids:
+        found = sorted(by_key.pop(kid.key, []), key=lambda r: r.info.start_time or 0, reverse=True)
+        done = next((r for r in found if r.info.status == tracking.FINISHED), None)
+        resumable = next((r for r in found if tracking.checkpoint_path(r).exists()), None)
+        keep = done or resumable
+        for run in found:
+            if run is not keep:
+                runs.discard(run.info.run_id)
+        if done is not None:
+            kept += 1
+        else:
+            todo.append(replace(kid, resume=keep.info.run_id if keep else None))
+    resumed = sum(k.resume is not None for k in todo)
+    echo(
+        f"Continuing study run {parent_run_id}: {kept} of {len(kids)} runs finished before, "
+        f"{resumed} to resume from their checkpoints, {len(todo) - resumed} to start"
+    )
+    return todo
+
+
+def _run_key(run, kids: list[Child]) -> tuple:
+    """A child run's key as ``Child.key`` makes it, read from its tags and params."""
+    params, varied = run.data.params, [k for k, _ in kids[0].varied] if kids else []
+    return (run.data.tags.get(tracking.TAG_MODEL, ""), params.get("seed", ""), *(params.get(k, "") for k in varied))
 
 
 def _check_distinct(kids: list[Child]) -> None:
@@ -96,11 +230,15 @@ def default_baseline(models: list[str]) -> str:
     return DEFAULT_BASELINE if DEFAULT_BASELINE in models else models[0]
 
 
-def _train_in_process(kids: list[Child], experiment, progress, echo, data: dict[tuple, DataBundle]) -> list[str]:
+def _train_in_process(kids: list[Child], experiment, progress, echo, data: dict[tuple, DataBundle], hint) -> list[str]:
     failures = []
     for kid in kids:
+        kid_data = data[data_key(kid.cfg)]
         try:
-            training.train(kid.model, kid.cfg, experiment, progress, echo, data=data[data_key(kid.cfg)])
+            if kid.resume:
+                training.resume(kid.resume, progress, echo, data=kid_data, continue_hint=hint)
+            else:
+                training.train(kid.model, kid.cfg, experiment, progress, echo, data=kid_data, continue_hint=hint)
         except Interrupted:
             raise  # the parent ends KILLED too
         except Exception as e:  # the child is FAILED already; the study goes on without it

@@ -108,6 +108,7 @@ def train(
     parent_run_id: str | None = None,
     tags: dict[str, str] | None = None,
     on_epoch: Callable[[EpochResult], None] | None = None,
+    continue_hint: str | None = None,
 ) -> TrainingResult:
     """Train ``model_name`` under ``cfg`` in a new MLflow run (nested if a study run is active).
 
@@ -116,6 +117,8 @@ def train(
     ``parent_run_id`` makes the run a child of that study run, which another process holds.
     ``tags`` are set on the run besides zar's own (a sweep's trial number); ``on_epoch`` is called
     with each epoch's result once it is logged, and may stop the run by raising ``Pruned``.
+    ``continue_hint``: how an interrupted run is continued, when not by ``zar train --resume`` (a
+    study's child: by its study).
     """
     distributed.init()
     if not distributed.is_main():
@@ -139,6 +142,7 @@ def train(
             **provenance.code_tags(),
             **(tags or {}),
         },
+        continue_hint,
     ):
         recorder.setup(prepared)
         with _rank_failures(recorder.run_id):
@@ -152,13 +156,20 @@ def train(
             return _fit(prepared, recorder, trainer, echo, on_epoch)
 
 
-def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = print_line) -> TrainingResult:
+def resume(
+    run_id: str,
+    progress: bool = True,
+    echo: Callable[[str], None] = print_line,
+    data: DataBundle | None = None,
+    continue_hint: str | None = None,
+) -> TrainingResult:
     """Continue a stopped run from its last completed epoch, in the same MLflow run.
 
     Refused, before anything changes, when the code that started the run differs (zar's version
     or git commit) or its checkpoint is missing or unreadable. The run is claimed (reopened, with
     this process's tags) before the data loads, so a second resume meanwhile finds it taken; data
-    that changed since the run started fails the resume (and the run) before training.
+    that changed since the run started fails the resume (and the run) before training. ``data``, when
+    given, must be what ``load_data`` returns for the run's config (a study continuing its children).
     """
     if not re.fullmatch(r"[\w-]+", run_id):
         raise UserError(f"bad run id {clip(repr(run_id))}: a run id is letters, digits, '-' and '_'")
@@ -174,8 +185,8 @@ def resume(run_id: str, progress: bool = True, echo: Callable[[str], None] = pri
     distributed.broadcast((model_name, cfg.to_dict(), state))
 
     runs.reopen(run_id, system_metrics=True)
-    with runs.closing(run_id):
-        prepared = prepare(model_name, cfg)
+    with runs.closing(run_id, continue_hint=continue_hint):
+        prepared = prepare(model_name, cfg, data)
         _check_same_data(run, prepared)
         tracking.set_tags(run_id, {tracking.TAG_DEVICE: str(prepared.device)})
         if tracking.TAG_ERROR in run.data.tags:  # the error that stopped it no longer describes the run

@@ -90,15 +90,39 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
     help="Train up to this many children at once, each in its own process (one GPU each where "
     "there are several; the CPU cores split between them).",
 )
+@click.option(
+    "--resume",
+    "resume_run",
+    metavar="RUN_ID",
+    help="Continue this interrupted study run with its own settings (the same command again does too).",
+)
 @config_options
 @experiment_option
 @no_progress_option
-def study(models, seeds, baseline, vary_specs, jobs, cfg_loader, experiment, no_progress):
+@click.pass_context
+def study(ctx, models, seeds, baseline, vary_specs, jobs, resume_run, cfg_loader, experiment, no_progress):
     """Run the whole study and print its table.
 
     Every architecture and seed (and, with --vary, every combination of the varied values) trains
-    as a child of one parent run, which keeps the table and charts.
+    as a child of one parent run, which keeps the table and charts. Interrupted, it continues when
+    the same command runs again: finished runs are kept, the others resumed from their checkpoints.
     """
+    if resume_run:
+        given = [name for name in ("models", "seeds", "baseline", "vary_specs") if _given(ctx, name)]
+        ignored = [*given, *cfg_loader.given]
+        if ignored:
+            raise click.UsageError(
+                "--resume continues a study with its own settings; drop "
+                + ", ".join("--" + k.replace("_specs", "").replace("_", "-") for k in ignored)
+            )
+        probe_server()
+        from .. import tracking
+        from ..study import resume_study
+
+        result = resume_study(resume_run, progress=not no_progress, jobs=jobs)
+        click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
+        click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
+        return
     cfg = cfg_loader()
     seeds = seeds or [cfg.seed]
     vary = parse_vary(vary_specs)
@@ -113,6 +137,10 @@ def study(models, seeds, baseline, vary_specs, jobs, cfg_loader, experiment, no_
     result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary)
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
+
+
+def _given(ctx, name: str) -> bool:
+    return ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
 
 
 def _check_study(models, seeds, baseline, cfg, vary) -> None:

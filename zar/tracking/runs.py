@@ -94,20 +94,23 @@ class ParentRun(NamedTuple):
     was: str | None  # the status it had when this process reopened it; None for a new run
 
 
-def find_or_start_parent(experiment: str, run_name: str, key_tag: str, key: str, tags: dict[str, str]) -> ParentRun:
+def find_or_start_parent(
+    experiment: str, run_name: str, key_tag: str, key: str, tags: dict[str, str], reuse_finished: bool = True
+) -> ParentRun:
     """The parent run of a study or sweep whose settings hash to ``key``, and who holds it.
 
     This process holds it when it is new (under ``mlflow run``, the run it made) or was stopped
     (reopened here); a live process holds it otherwise, here or on another machine, and the caller
     may join it. Two processes that start the same parent at once both take the earlier run; the
-    later one's is discarded. ``tags`` come with a new run, from its creation.
+    later one's is discarded. ``tags`` come with a new run, from its creation. ``reuse_finished=False``:
+    a FINISHED parent is done with (a study run again is a new study), only an unfinished one is continued.
     """
     if env_run_id():
         return ParentRun(start(experiment, run_name), None, None)
-    found = _parents(experiment, key_tag, key)
+    found = _parents(experiment, key_tag, key, reuse_finished)
     if not found:
         run = start(experiment, run_name, tags={key_tag: key, **tags})
-        first = _parents(experiment, key_tag, key)[0]
+        first = _parents(experiment, key_tag, key, reuse_finished)[0]
         if first.info.run_id == run.info.run_id:
             return ParentRun(run, None, None)
         discard(run.info.run_id)
@@ -120,13 +123,13 @@ def find_or_start_parent(experiment: str, run_name: str, key_tag: str, key: str,
     return ParentRun(reopen(run.info.run_id), None, run.info.status)
 
 
-def _parents(experiment: str, key_tag: str, key: str) -> list:
+def _parents(experiment: str, key_tag: str, key: str, reuse_finished: bool = True) -> list:
     """The top-level runs tagged ``key_tag = key`` (one, but for a moment when two start at once), earliest first."""
     experiment_id = client.get_experiment_id(experiment)
     found = [
         r
         for r in client.search_runs(experiment_id, f"tags.`{key_tag}` = '{key}'")
-        if client.TAG_PARENT not in r.data.tags
+        if client.TAG_PARENT not in r.data.tags and (reuse_finished or r.info.status != FINISHED)
     ]
     return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
 
@@ -144,8 +147,11 @@ def reopen(run_id: str, system_metrics: bool = False):
 
 
 @contextlib.contextmanager
-def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
+def closing(run_id: str, tags: dict[str, str] | None = None, continue_hint: str | None = None) -> Iterator[None]:
     """Tag the run with ``tags`` and this process, then end it FINISHED, FAILED or KILLED.
+
+    ``continue_hint``: how this run is continued once interrupted, as the message says it
+    (a training run's is ``zar train --resume RUN_ID``; a study's or a sweep's is its own command).
 
     SIGTERM and SIGHUP become KeyboardInterrupt, as Ctrl-C is, while the run is open. Once the
     run is ending, those signals are ignored: a second one must not cut the cleanup short and
@@ -160,13 +166,14 @@ def closing(run_id: str, tags: dict[str, str] | None = None) -> Iterator[None]:
     except KeyboardInterrupt as e:
         _ignore_stop_signals()
         client.end_run(run_id, KILLED, f"interrupted by {str(e) or 'SIGINT'}")
-        raise Interrupted(
-            f"interrupted: run {run_id} marked KILLED; continue it with 'zar train --resume {run_id}'"
-        ) from None
-    except Interrupted as e:  # a study's child was interrupted: the study stops too
+        hint = continue_hint or f"continue it with 'zar train --resume {run_id}'"
+        raise Interrupted(f"interrupted: run {run_id} marked KILLED; {hint}") from None
+    except Interrupted as e:  # a child was interrupted: its parent (a study, a sweep) stops too
         _ignore_stop_signals()
         client.end_run(run_id, KILLED, str(e))
-        raise Interrupted(f"{e}; study run {run_id} marked KILLED") from None
+        raise Interrupted(
+            f"{e}; run {run_id} marked KILLED" + (f"; {continue_hint}" if continue_hint else "")
+        ) from None
     except Pruned as e:  # a sweep's pruner stopped it: not a failure, and not to be resumed
         _ignore_stop_signals()
         client.set_tags(run_id, {client.TAG_PRUNED: f"epoch {e.epoch}"})
