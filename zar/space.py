@@ -75,10 +75,7 @@ def _dim(key: str, spec: Any, base: TrainConfig, source: str) -> Dim:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}: {kind} takes a list, got {quote(values)}")
     kind_of_key = FIELD_TYPES[key]
-    if kind == "choice":
-        if len({str(v) for v in values}) != len(values):
-            raise ConfigError(f"{where}: choice names a value twice: {quote(values)}")
-    else:
+    if kind != "choice":
         if len(values) != 2:
             raise ConfigError(f"{where}: {kind} takes [low, high], got {quote(values)}")
         wanted = "int" if kind == "int" else "float"
@@ -98,7 +95,17 @@ def _dim(key: str, spec: Any, base: TrainConfig, source: str) -> Dim:
             checked.append(getattr(base.replace(**{key: value}), key))  # as the config reads it: '1e-3' is 0.001
         except ConfigError as e:
             raise ConfigError(f"{where}: {quote(value)} is no valid value ({e})") from None
+    _check_distinct(where, values, checked)
     return Dim(key, kind, tuple(checked))
+
+
+def _check_distinct(where: str, written: list, checked: list) -> None:
+    """Choices equal as the config reads them (0.001 and 1e-3) would be one grid point taken twice."""
+    for i, value in enumerate(checked):
+        if value in checked[:i]:
+            first = written[checked.index(value)]
+            same = f" ({quote(first)} and {quote(written[i])} are the same value)" if first != written[i] else ""
+            raise ConfigError(f"{where}: choice names {quote(value)} twice{same}; drop one")
 
 
 def _number(value: Any, where: str) -> float | int:
