@@ -213,15 +213,18 @@ class CachedImages(Dataset):
     """Rows of the decoded-image cache as normalised float tensors, labels as ints.
 
     The DataLoader asks for a whole batch through ``__getitems__``: its pixels are gathered from
-    the memory map and normalised in one go, instead of image by image.
+    the memory map and normalised in one go, instead of image by image. ``pin`` (the cache's
+    ``imagecache.Pin``) is held for as long as the dataset lives, so that no other process removes
+    the pixels, which each worker opens by name.
     """
 
-    def __init__(self, pixels_path: Path, rows: np.ndarray, labels: np.ndarray):
-        self.pixels_path, self.rows, self.labels = pixels_path, rows, labels
+    def __init__(self, pixels_path: Path, rows: np.ndarray, labels: np.ndarray, pin: imagecache.Pin | None = None):
+        self.pixels_path, self.rows, self.labels, self.pin = pixels_path, rows, labels, pin
         self._pixels = None  # opened on first use, in each DataLoader worker process separately
 
     def __getstate__(self):
-        return {**self.__dict__, "_pixels": None}  # a pickled memmap would copy all the pixels
+        # a pickled memmap would copy all the pixels; the pin stays with this process, which outlives its workers
+        return {**self.__dict__, "_pixels": None, "pin": None}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -391,8 +394,8 @@ def _folder_bundle(root: Path, cfg: TrainConfig) -> DataBundle:
         name=_printable(root.resolve().name),
         source=_printable(root.resolve()),
         classes=names,
-        train=CachedImages(cached.pixels_path, rows[train_idx], labels[train_idx]),
-        val=CachedImages(cached.pixels_path, rows[val_idx], labels[val_idx]),
+        train=CachedImages(cached.pixels_path, rows[train_idx], labels[train_idx], cached.pin),
+        val=CachedImages(cached.pixels_path, rows[val_idx], labels[val_idx], cached.pin),
         train_ids=[ids[i] for i in train_idx],
         val_ids=[ids[i] for i in val_idx],
         train_labels=[int(labels[i]) for i in train_idx],

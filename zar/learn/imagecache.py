@@ -12,6 +12,15 @@ mtime, ctime and inode, as git's index does: an unchanged folder then costs one 
 and no reads, and a file replaced by one of the same size and mtime (``cp -p``, ``rsync -t``)
 still has a new ctime, so it is hashed again.
 
+A folder keeps one cache per image size. When files change, the new cache copies the rows of
+files whose bytes the last one holds (by sha256: a moved file is not decoded either) and decodes
+the others, which gives the bytes a build from nothing gives. Once it is complete, the caches it
+supersedes are removed unless a copy of the folder uses them, or a process builds them (holds
+their lock) or reads them (holds a ``Pin``, a shared flock on the pixels, for as long as it uses
+them: a DataLoader opens the pixels by name in each worker, so they must outlive its run). A
+process that has mapped the pixels reads on in any case: a file unlinked while open or mapped
+lives until it is closed (POSIX).
+
 Decoding reads an image as an image library shows it: EXIF orientation applied, 16-bit and
 float images scaled to 8 bits, transparency composited on black (see ``decode``).
 
@@ -19,10 +28,11 @@ Files under ``$ZAR_CACHE_DIR/images/`` (default ``~/.cache/zar/images/``):
 
 - ``v2-<digest>.npy``: N x 3 x S x S uint8, one row per file in listing order (CHW, as the model
   takes it, so a batch needs no transpose); rows of files that do not decode stay zero.
-- ``v2-<digest>.json``: its metadata (which rows do not decode, and why). Written last: its
-  presence means the .npy next to it is complete.
-- ``v2-<digest>.lock``: held while building, so concurrent runs build it once.
+- ``v2-<digest>.json``: its metadata (which rows do not decode, and why; each row's sha256).
+  Written last: its presence means the .npy next to it is complete.
+- ``v2-<digest>.lock``: held while building, so concurrent runs build it once, and while removing.
 - ``stats-<folder>.json``: one folder's stat cache.
+- ``caches-<folder>.json``: one folder's caches per image size; all but the last are superseded.
 
 Every file is written to a temporary name, fsynced and renamed, so a crash never leaves a
 half-written file under a name that is trusted. This module knows files and pixels only: no
@@ -103,8 +113,9 @@ class CachedFolder:
     pixels_path: Path
     bad: dict[int, str]  # rows whose file does not decode -> why (UNREADABLE or a bomb's story)
     hashed: int  # files whose bytes were read to hash them (0 when the stat cache knew all)
-    decoded: int  # files decoded (0 on a cache hit)
+    decoded: int  # files decoded (0 on a cache hit; only those the last cache lacks when files changed)
     sha256: list[str]  # of each file's bytes, in listing order ("" for a file that cannot be read)
+    pin: Pin  # keeps other processes from removing the pixels for as long as it lives: keep it while reading
 
 
 def cache_dir() -> Path:
@@ -136,18 +147,21 @@ def load(
 def _load(
     directory: Path, root: Path, classes: list[str], files: list[tuple[str, int]], image_size: int, pool: _Workers
 ) -> CachedFolder:
-    stat_cache = StatCache(directory / f"stats-{_short_hash(os.fsencode(root.resolve()))}.json")
+    folder = _short_hash(os.fsencode(root.resolve()))
+    stat_cache = StatCache(directory / f"stats-{folder}.json")
+    history = _History(directory / f"caches-{folder}.json", image_size)
     rels = [rel for rel, _ in files]
     stats, hashed = _stats(root, rels, stat_cache, pool)
     digest = content_digest(classes, files, stats, image_size)
     store = _ImageStore(directory, digest)
-    bad, decoded = store.bad(), 0
-    if bad is None:
-        with store.locked():
-            bad = store.bad()  # another process may have built it while we waited
-            if bad is None:
+    pin, decoded = store.pin(), 0
+    if pin is None:
+        with _flocked(store.lock):  # held while building or removing it
+            pin = store.pin()  # another process may have built it while we waited
+            if pin is None:
+                last = history.last(directory, digest)
                 try:
-                    bad = store.build(root, rels, stats, image_size, pool)
+                    decoded = store.build(root, rels, stats, image_size, pool, last)
                 except _FolderChanged as e:
                     # Rewritten since hashed, or rewritten keeping size and mtime: forget their hashes,
                     # so that the next run reads them again instead of failing the same way.
@@ -156,9 +170,13 @@ def _load(
                     raise CacheError(
                         f"image {root / printable(rels[e.rows[0]])} changed while zar was reading the folder; run again"
                     ) from None
-                decoded = len(files)
+                finally:
+                    if last is not None:
+                        last.close()
+                pin = store.pin()  # cannot fail: a process removing the cache would need our lock
     stat_cache.save(dict(zip(rels, stats)))
-    return CachedFolder(digest, store.pixels, bad, hashed, decoded, [st.sha256 for st in stats])
+    history.supersede(directory, digest)
+    return CachedFolder(digest, store.pixels, pin.bad, hashed, decoded, [st.sha256 for st in stats], pin)
 
 
 def content_digest(classes: list[str], files: list[tuple[str, int]], stats: list[FileStat], image_size: int) -> str:
@@ -247,39 +265,87 @@ def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
 # --- the image store: one .npy of pixels and its metadata per digest -----------------------------
 
 
+class Pin:
+    """A complete cache's pixels, open and share-locked: while a process holds one, no other removes the cache.
+
+    Forked DataLoader workers share the open file: the lock lasts until the last of them closes it.
+    """
+
+    def __init__(self, fd: int, path: Path, bad: dict[int, str], sha256: list[str] | None):
+        self.fd, self.path, self.bad, self.sha256 = fd, path, bad, sha256
+
+    def close(self, _close=os.close) -> None:  # a default survives interpreter shutdown, when __del__ may run
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            _close(fd)
+
+    __del__ = close
+
+
 class _ImageStore:
     def __init__(self, directory: Path, digest: str):
         stem = directory / f"v{CACHE_VERSION}-{digest}"
         self.pixels, self.meta, self.lock = (stem.with_suffix(s) for s in (".npy", ".json", ".lock"))
 
-    def bad(self) -> dict[int, str] | None:
-        """Rows that do not decode -> why, or None when the store is not (completely) there."""
+    def pin(self) -> Pin | None:
+        """The pixels, share-locked against removal; None when the store is not (completely) there."""
         try:
-            meta = json.loads(self.meta.read_text())
-        except (OSError, ValueError):
+            fd = os.open(self.pixels, os.O_RDONLY)
+        except OSError:
             return None
-        return {row: why for row, why in meta["bad"]} if self.pixels.exists() else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while a process removes the store
+            meta = json.loads(self.meta.read_text())
+            bad = {row: why for row, why in meta["bad"]}
+            if os.path.samestat(os.fstat(fd), os.stat(self.pixels)):  # not removed (nor rebuilt) since opened
+                return Pin(fd, self.pixels, bad, meta.get("sha256"))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        os.close(fd)
+        return None
 
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        with open(self.lock, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes, also if we are killed
-            yield
+    def remove(self) -> bool:
+        """Deletes the store unless a process builds it (holds its lock) or reads it (holds a Pin); True when gone."""
+        with _flocked(self.lock, wait=False) as free, contextlib.ExitStack() as held:
+            if not free:
+                return False
+            try:
+                fd = os.open(self.pixels, os.O_RDONLY)
+                held.callback(os.close, fd)  # before the lock is let go: the lock guards the whole removal
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except FileNotFoundError:
+                pass  # a build that never finished
+            except BlockingIOError:
+                return False
+            leftovers = self.pixels.parent.glob(f"{self.pixels.name}.*.tmp")  # of a build that was killed
+            # the metadata first (the pixels are not trusted without it), the lock last, while we hold it
+            for path in (self.meta, self.pixels, *leftovers, self.lock):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+            return True
 
     def build(
-        self, root: Path, rels: list[str], stats: list[FileStat], image_size: int, pool: _Workers
-    ) -> dict[int, str]:
-        """Decodes every file into a temporary .npy, then publishes it; returns the rows that do not decode, and why."""
+        self, root: Path, rels: list[str], stats: list[FileStat], image_size: int, pool: _Workers, last: Pin | None
+    ) -> int:
+        """Copies the rows ``last`` holds, decodes the others, publishes the file; returns how many it decoded."""
         fd, tmp = tempfile.mkstemp(dir=self.pixels.parent, prefix=self.pixels.name + ".", suffix=".tmp")
         os.close(fd)
+        shas = [st.sha256 for st in stats]
         try:
             shape = (len(rels), 3, image_size, image_size)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
-            parts = pool.chunks(list(range(len(rels))))
-            jobs = [(tmp, part[0], [str(root / rels[i]) for i in part], image_size) for part in parts]
-            decoded = [one for result in pool.map(_decode_files, jobs) for one in result]
-            # the pixels must be of the bytes the digest names, not of a file rewritten meanwhile
-            changed = [i for i, (sha, _) in enumerate(decoded) if sha != stats[i].sha256]
+            pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            whys = _copy_rows(last, shas, pixels) if last is not None else {}  # row -> why it does not decode
+            pixels.flush()
+            del pixels
+            todo = [i for i in range(len(rels)) if i not in whys]
+            parts = pool.chunks(todo)
+            jobs = [(tmp, part, [str(root / rels[i]) for i in part], image_size) for part in parts]
+            changed = []
+            for part, results in zip(parts, pool.map(_decode_files, jobs)):
+                for i, (sha, why) in zip(part, results):
+                    whys[i] = why  # and the pixels must be of the bytes the digest names, not of newer ones
+                    if sha != shas[i]:
+                        changed.append(i)
             if changed:
                 raise _FolderChanged(changed)
             _fsync(tmp)
@@ -288,20 +354,31 @@ class _ImageStore:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        bad = [[i, why] for i, (_, why) in enumerate(decoded) if why is not None]
-        meta = {"version": CACHE_VERSION, "shape": list(shape), "bad": bad}
+        bad = [[i, whys[i]] for i in range(len(rels)) if whys[i] is not None]
+        meta = {"version": CACHE_VERSION, "shape": list(shape), "bad": bad, "sha256": shas}
         _write_atomic(self.meta, lambda f: f.write(json.dumps(meta).encode()))
-        return dict(bad)
+        return len(todo)
 
 
-def _decode_files(npy_path: str, first_row: int, paths: list[str], image_size: int) -> list[tuple[str, str | None]]:
-    """Decodes ``paths`` into rows ``first_row...`` of the .npy; (sha256, why it does not decode or None) of each.
+def _copy_rows(last: Pin, shas: list[str], pixels: np.ndarray) -> dict[int, str | None]:
+    """Copies from ``last`` the rows of files with these bytes (a row depends on them alone); row -> why not decoded."""
+    # "": a file that could not be read, so read it again; no sha256 at all: made before rows were copied
+    held = {sha: row for row, sha in enumerate(last.sha256 or []) if sha}
+    pairs = [(i, held[sha]) for i, sha in enumerate(shas) if sha in held]
+    source = np.load(last.path, mmap_mode="r")  # of the same image size: the folder's record is per size
+    for new, old in pairs:  # row by row: a folder's pixels may not fit in memory
+        pixels[new] = source[old]
+    return {i: last.bad.get(j) for i, j in pairs}
+
+
+def _decode_files(npy_path: str, rows: list[int], paths: list[str], image_size: int) -> list[tuple[str, str | None]]:
+    """Decodes ``paths`` into ``rows`` of the .npy; (sha256, why it does not decode or None) of each.
 
     Runs in a worker process: pixels go straight into the shared file, only hashes come back.
     """
     pixels = np.load(npy_path, mmap_mode="r+")
     results = []
-    for row, path in enumerate(paths, start=first_row):
+    for row, path in zip(rows, paths):
         st, data = _hash_file(path)  # hashed again: proves the pixels are of the bytes the digest names
         why = UNREADABLE if data is None else None
         if data is not None:
@@ -391,6 +468,43 @@ def _eight_bit(im: Image.Image) -> np.ndarray:
     return np.rint((values - lo) * (255 / (hi - lo))).astype(np.uint8)
 
 
+# --- which caches a folder has: the current one, and those it superseded that are still in use ---------
+
+
+class _History:
+    """One folder's caches at one image size in ``caches-<folder>.json``, oldest first: the last is current."""
+
+    def __init__(self, path: Path, image_size: int):
+        self.path, self.key = path, str(image_size)
+
+    def last(self, directory: Path, digest: str) -> Pin | None:
+        """The folder's last cache before ``digest``, pinned; None when there is none, or it is incomplete."""
+        older = [d for d in _record(self.path).get(self.key, []) if d != digest]
+        return _ImageStore(directory, older[-1]).pin() if older else None
+
+    def supersede(self, directory: Path, digest: str) -> None:
+        """Makes ``digest`` current; removes those before it that no process and no other folder uses."""
+        if _record(self.path).get(self.key) == [digest]:
+            return  # the usual load writes nothing, so a read-only cache folder still serves it
+        with _flocked(self.path):  # read, change, write: one process at a time
+            record = _record(self.path)
+            older = [d for d in record.get(self.key, []) if d != digest]
+            if older:  # a copy of the folder shares its caches: the copy's record keeps those it names
+                others = [_record(path) for path in directory.glob("caches-*.json") if path != self.path]
+                elsewhere = {d for other in others for digests in other.values() for d in digests}
+                older = [d for d in older if d not in elsewhere and not _ImageStore(directory, d).remove()]
+            record[self.key] = [*older, digest]  # those in use stay, for a later load to remove
+            _write_atomic(self.path, lambda f: f.write(json.dumps(record).encode()))
+
+
+def _record(path: Path) -> dict[str, list[str]]:
+    """A folder's record, image size -> digests; {} when missing or unusable (which leaves a cache behind at worst)."""
+    try:
+        return {size: [str(d) for d in digests] for size, digests in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+
+
 # --- processes and files ---------------------------------------------------------------------------
 
 
@@ -411,7 +525,7 @@ class _Workers:
         self._pool: ProcessPoolExecutor | None = None
 
     def chunks(self, items: list[int]) -> list[list[int]]:
-        """Consecutive runs of ``items``, about four per process, so that a slow one does not stall the rest."""
+        """Runs of consecutive ``items``, about four per process, so that a slow one does not stall the rest."""
         size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (4 * self.processes))))
         return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -427,6 +541,29 @@ class _Workers:
     def close(self) -> None:
         if self._pool is not None:  # no process outlives the load, also on an error or Ctrl-C
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _flocked(path: Path, wait: bool = True) -> Iterator[bool]:
+    """Holds an exclusive flock on ``path`` (made if missing); yields False if ``wait`` is off and another holds it.
+
+    Released when the file closes, also if we are killed. Locks ``path`` anew if it was unlinked or
+    replaced meanwhile (a removal unlinks a cache's lock; writing a folder's record replaces it).
+    """
+    while True:
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                yield True
+                return
 
 
 def _write_atomic(path: Path, write: Callable[[io.BufferedWriter], object]) -> None:
