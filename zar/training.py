@@ -242,8 +242,14 @@ def load_checkpoint(path, run_id: str) -> dict:
 
 def _check_resumable(run) -> None:
     """A run can be resumed once it stopped: not FINISHED, not still trained by a live process, by
-    the same code (zar's version and git commit) and the same number of processes."""
+    the same code (zar's version and git commit) and the same number of processes. A sweep's trial
+    never is: its Optuna study has already counted it out, and a new trial takes its place."""
     run_id, tags, status = run.info.run_id, run.data.tags, run.info.status
+    if tracking.TAG_TRIAL in tags:
+        raise UserError(
+            f"run {run_id} is trial {tags[tracking.TAG_TRIAL]} of a zar sweep, which is not resumed on its own: "
+            "run the same 'zar sweep' command again to continue the sweep (a new trial takes this one's place)"
+        )
     if status == FINISHED:
         raise UserError(f"run {run_id} is already FINISHED; there is nothing to resume")
     alive = runs.process_alive(tags)
