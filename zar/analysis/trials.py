@@ -3,7 +3,8 @@
 ``zar sweep`` prints both when it ends and ``zar compare --parent SWEEP_RUN_ID`` prints them again
 (``--select best-trial`` for the first), from the same runs with the same code, so the two agree.
 A trial's number is its place in the architecture's Optuna study; the best is the FINISHED trial
-with the highest last-epoch val_acc (the objective), the lower number on a tie.
+with the highest last-epoch val_acc (the objective), the lower number on a tie. A trial Optuna ran
+again in another's place (interrupted, or its worker died) counts as neither finished nor failed.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .fetch import Parent, describe_parent, fetch_runs
 from .table import Table, build_table
 
 FORMATS = ("markdown", "csv", "json")
+TAG_REPLACED = "zar.replaced"  # why a trial's run does not count: its worker died, and Optuna ran the trial again
 
 
 @dataclass
@@ -41,7 +43,7 @@ class BestTrial:
     finished: int = 0
     pruned: int = 0
     failed: int = 0
-    interrupted: int = 0  # ended by a signal: not counted, another trial took its place
+    replaced: int = 0  # interrupted, or its worker died: not counted, another trial took its place
     running: int = 0
 
 
@@ -67,8 +69,10 @@ class BestTrials:
             unsearched = [k for k in self.keys if k not in row.params]
             if unsearched and row.trial is not None:
                 notes.append(f"-: {', '.join(unsearched)} does not change {row.name}, so its study does not search it.")
-        if any(r.interrupted for r in self.rows):
-            notes.append("Interrupted trials do not count: each was replaced by a new trial when the sweep went on.")
+        if any(r.replaced for r in self.rows):
+            notes.append(
+                "Interrupted trials, and those whose worker died, do not count: a new trial took the place of each."
+            )
         return notes
 
 
@@ -106,7 +110,9 @@ def _best(model: str, study: str, found: list, keys: list[str], depth: int) -> B
     best = None
     for run in found:
         status, tags = run.info.status, run.data.tags
-        if status == tracking.FINISHED:
+        if TAG_REPLACED in tags:
+            row.replaced += 1
+        elif status == tracking.FINISHED:
             row.finished += 1
             value = run.data.metrics.get("val_acc")
             if value is None or not math.isfinite(value):
@@ -118,7 +124,7 @@ def _best(model: str, study: str, found: list, keys: list[str], depth: int) -> B
             if tracking.TAG_PRUNED in tags:
                 row.pruned += 1
             else:
-                row.interrupted += 1
+                row.replaced += 1
         elif status == tracking.FAILED:
             row.failed += 1
         else:
