@@ -221,7 +221,7 @@ def test_a_trial_left_running_with_no_process_does_not_stall_the_sweep(store, tm
     assert invoke(*args).exit_code == 0
     study = optuna_study(tmp_path, sweep_parent(), "resnet")
     stuck = study.ask()  # what that interrupt leaves: RUNNING, no process, no heartbeat
-    monkeypatch.setattr(sweep_module, "GRACE_S", 1, raising=False)
+    monkeypatch.setattr(sweep_module, "GRACE_S", 1)
     time.sleep(1.5)
     with at_most(60):
         again = invoke(*args)
@@ -276,7 +276,7 @@ def test_a_dead_worker_on_another_machine_is_found_by_its_heartbeat_and_its_tria
     storage.set_trial_user_attr(trial_id, "zar.host", "elsewhere")
     MlflowClient().set_tag(dead_trial(parent.info.run_id).info.run_id, "zar.host", "elsewhere")
 
-    monkeypatch.setattr(sweep_module, "GRACE_S", 2, raising=False)
+    monkeypatch.setattr(sweep_module, "GRACE_S", 2)
     time.sleep(2.5)
     with at_most(120):
         again = invoke(*args)
@@ -310,13 +310,14 @@ def test_a_worker_killed_mid_trial_has_its_run_failed_and_its_trial_rerun_by_the
     out, _ = holder.communicate(timeout=300)
     output = "".join(held) + out
     assert holder.returncode == 0, output
-    assert counts_cell(output) == "6 / 0 / 0", output
+    finished, pruned, failed = (int(n) for n in counts_cell(output).split(" / "))  # no '(1 running)' either
+    assert finished + pruned == 6 and failed == 0, output
     parent = sweep_parent()
     dead = next(r for r in trial_runs(parent.info.run_id) if r.data.tags["zar.trial"] == taken.group(1))
     assert dead.info.status == "FAILED" and "process" in dead.data.tags["zar.error"]
     assert not [r for r in trial_runs(parent.info.run_id) if r.info.status == "RUNNING"]
     study = optuna_study(tmp_path, parent, "resnet")
-    assert len([t for t in study.trials if t.state == TrialState.COMPLETE]) == 6
+    assert len([t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]) == 6
 
 
 # --- suspected: what makes a sweep the same sweep -------------------------------------------------------------
@@ -358,3 +359,42 @@ def test_a_sweep_over_changed_data_is_a_new_search_not_mixed_with_the_old_trials
     assert len(parents) == 2 and all(len(trial_runs(p.info.run_id)) == 1 for p in parents)
     fingerprints = {r.data.tags["zar.data_fingerprint"] for p in parents for r in trial_runs(p.info.run_id)}
     assert len(fingerprints) == 2 and before.info.run_id in {p.info.run_id for p in parents}
+
+
+def test_a_live_trial_keeps_its_heartbeat_fresh_and_goes_stale_once_it_stops(tmp_path, monkeypatch):
+    """Issue 20, item 3: the heartbeat comes from a thread while the trial trains, so epochs longer than the
+    grace period never get a live worker taken for dead; once the trial stops beating, Optuna fails it."""
+    monkeypatch.setattr(sweep_module, "HEARTBEAT_S", 1)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat_interval=1, grace_period=3)
+    study = optuna.create_study(storage=storage)
+    trial = sweep_module._next_trial(study, 1, storage=storage)
+    with sweep_module._heartbeat(storage, study, trial):
+        time.sleep(5)  # longer than the grace period
+        optuna.storages.fail_stale_trials(study)
+        assert study.trials[0].state == TrialState.RUNNING
+    time.sleep(5)
+    optuna.storages.fail_stale_trials(study)
+    assert study.trials[0].state == TrialState.FAIL
+
+
+def test_a_trial_taken_for_dead_while_it_trained_does_not_count_when_it_ends(store, tmp_path, monkeypatch):
+    """A worker suspended longer than the grace period is taken for dead and its trial run again elsewhere;
+    when it wakes and finishes, its run must not count (nor be the best) beside the trial that replaced it."""
+    train = sweep_module.training.train
+
+    def taken_for_dead_meanwhile(model, cfg, *args, tags, **kwargs):
+        result = train(model, cfg, *args, tags=tags, **kwargs)
+        if tags["zar.trial"] == "0":  # what another worker's fail_stale_trials did while this one slept
+            optuna_study(tmp_path, sweep_parent(), "resnet").tell(0, state=TrialState.FAIL)
+        return result
+
+    monkeypatch.setattr(sweep_module.training, "train", taken_for_dead_meanwhile)
+    result = invoke(*sweep_args(write_space(tmp_path, LR), 1, *TINY))
+    assert result.exit_code == 0, result.output
+    assert counts_cell(result.output) == "1 / 0 / 0"
+    parent = sweep_parent()
+    by_trial = {r.data.tags["zar.trial"]: r for r in trial_runs(parent.info.run_id)}
+    assert "taken for dead" in by_trial["0"].data.tags["zar.replaced"]
+    assert by_trial["1"].info.status == "FINISHED" and "zar.replaced" not in by_trial["1"].data.tags
+    best = next(line for line in result.output.splitlines() if line.startswith("| ResNet-18"))
+    assert best.split(" | ")[1] == "1"
