@@ -291,8 +291,12 @@ def _study(spec: SweepSpec, storage: optuna.storages.RDBStorage, key: str, model
 
 def _taken_for_dead(experiment_id: str, study: optuna.Study, trial) -> None:
     """Optuna's heartbeat failed ``trial`` (fail_stale_trials): its run ends FAILED, saying why."""
-    where = f"pid {trial.user_attrs.get(tracking.TAG_PID, '?')} on {trial.user_attrs.get(tracking.TAG_HOST, '?')}"
-    _retire(experiment_id, study.study_name, trial.number, f"no heartbeat from its worker ({where}) for {GRACE_S} s")
+    reason = f"no heartbeat from its worker ({_worker(trial)}) for {GRACE_S} s"
+    _retire(experiment_id, study.study_name, trial.number, reason)
+
+
+def _worker(trial) -> str:
+    return f"pid {trial.user_attrs.get(tracking.TAG_PID, '?')} on {trial.user_attrs.get(tracking.TAG_HOST, '?')}"
 
 
 def _counts(trial) -> bool:
@@ -443,12 +447,7 @@ def _wait_for_workers(s: Search, poll_s: float = 2.0) -> bool:
         if not running:
             return waited
         if not waited:
-            where = sorted(
-                {
-                    f"{t.user_attrs.get(tracking.TAG_HOST, '?')} pid {t.user_attrs.get(tracking.TAG_PID, '?')}"
-                    for t in running
-                }
-            )
+            where = sorted({_worker(t) for t in running})
             s.echo(
                 f"Waiting for {len(running)} trial(s) that other workers are running ({'; '.join(where)}); a worker "
                 f"that died is found by its process here, or anywhere after {GRACE_S} s without a heartbeat, and its "
