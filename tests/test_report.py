@@ -10,6 +10,7 @@ import base64
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -152,3 +153,26 @@ def test_the_report_renders_in_headless_chromium(in_study, tmp_path):
     image = Image.open(png).convert("L")
     assert image.width == 1200 and 2000 < image.height < 7000, image.size  # cut under the page's end
     assert image.getextrema()[0] < 100  # text and charts drawn, not a blank page
+
+
+def test_the_page_names_the_compare_command_with_its_filter_quoted_as_a_shell_reads_it(in_study, tmp_path):
+    """It dropped --filter and quoted nothing: a filter holds spaces and quotes."""
+    page = tmp_path / "md"
+    run = MlflowClient().get_run(in_study.parent_id)
+    experiment = MlflowClient().get_experiment(run.info.experiment_id).name
+    result = invoke("report", "--parent", in_study.parent_id, "--filter", "params.seed = '1'", "--format", "markdown",
+                    "--output", str(page))  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = (page / "report.md").read_text()
+    words = ["zar", "compare", "--experiment", experiment, "--parent", in_study.parent_id, "--filter"]
+    command = shlex.join([*words, "params.seed = '1'"])
+    assert f"The table is `{command}`" in text and "--filter 'params.seed = '\"'\"'1'\"'\"''" in command
+
+
+def test_a_markdown_report_onto_a_file_is_a_one_line_error(in_study, tmp_path):
+    taken = tmp_path / "report"
+    taken.write_text("a file where the report's folder would go")
+    result = invoke("report", "--parent", in_study.parent_id, "--format", "markdown", "--output", str(taken))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"{taken} is a file; name the folder to write report.md into" in result.stderr
+    assert taken.read_text() == "a file where the report's folder would go"

@@ -121,17 +121,28 @@ def study_command(experiment: str) -> list[str]:
 
 
 def kill_a_child_at_random(proc: subprocess.Popen, rng: random.Random) -> bool:
-    """Wait a random time, then SIGKILL one of the study's training processes; False if none ran by then."""
-    deadline = time.monotonic() + rng.uniform(2.0, 12.0)
+    """Once the study trains, wait a random time, then SIGKILL one of its training processes; False when
+    the study ended first. Random in time and in which child, replayed by the seed."""
+    started = time.monotonic()
+    while proc.poll() is None and time.monotonic() - started < 300:
+        if _training_children(proc):
+            break
+        time.sleep(0.2)
+    deadline = time.monotonic() + rng.uniform(0.0, 10.0)
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    if proc.poll() is not None:
-        return False
-    kids = [c for c in psutil.Process(proc.pid).children() if "train" in c.cmdline()]
+    kids = _training_children(proc) if proc.poll() is None else []
     if not kids:
         return False
     rng.choice(kids).kill()
     return True
+
+
+def _training_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [c for c in psutil.Process(proc.pid).children() if "train" in c.cmdline()]
+    except psutil.NoSuchProcess:
+        return []
 
 
 @pytest.mark.slow

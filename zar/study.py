@@ -121,7 +121,7 @@ def run_study(
         if jobs > 1:
             failures = parallel.train_children(kids, run_id, experiment, jobs, echo)
         else:
-            failures = _train_in_process(kids, experiment, progress, echo, data, CONTINUE_HINT.format(run_id=run_id))
+            failures = _train_in_process(kids, experiment, progress, echo, data, "its study resumes it")
         table = log_table(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
             try:
