@@ -183,6 +183,11 @@ def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
     runs.close_orphans(parent_run_id, tracking.KILLED)  # children whose process died with the study's
     by_key: dict[tuple, list] = {}
     for run in tracking.children(parent_run_id):
+        if run.info.status == tracking.RUNNING:  # a child that outlived its study (it was killed outright)
+            raise UserError(
+                f"run {run.info.run_id} of study {parent_run_id} is still training ({_holder(run)}); "
+                "wait for it to end, then run this again"
+            )
         by_key.setdefault(_run_key(run, kids), []).append(run)
     todo, kept = [], 0
     for kid in kids:
