@@ -104,14 +104,16 @@ def assert_complete_run(run, model, epochs, n_val):
     by_name = {m.name: m for m in models}
     assert sorted(by_name) == ["best", "model"]
     size = int(params["image_size"])
-    x = torch.randn(3, 3, size, size)
+    x = torch.rand(3, 1, size, size)  # grayscale pixels in [0, 1], as a user has them: the model normalises
     for name, epoch in (("model", epochs), ("best", int(metrics["best_epoch"]))):
         linked = {m.key: m for m in by_name[name].metrics if not m.key.startswith("system/")}
         assert {m.step for m in linked.values()} == {epoch}, name
         history = {m.step: m.value for m in client.get_metric_history(run_id, "val_acc")}
         assert linked["val_acc"].value == history[epoch] and "train_eval_acc" in linked, name
         loaded = mlflow.pytorch.load_model(by_name[name].model_uri)
-        assert loaded(x).shape == (3, int(params["num_classes"]))
+        probs = loaded(x)
+        assert probs.shape == (3, int(params["num_classes"]))
+        torch.testing.assert_close(probs.sum(1), torch.ones(3))  # class probabilities, not logits
     assert metrics["best_val_acc"] == max(m.value for m in client.get_metric_history(run_id, "val_acc"))
 
 

@@ -24,8 +24,8 @@ from . import plots, tracking
 from .checks import BUILT_IN_DATA
 from .config import TrainConfig, to_yaml
 from .errors import UserError, clip
-from .learn import distributed
-from .learn.data import DataBundle
+from .learn import distributed, served_model
+from .learn.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, SmallImages
 from .learn.engine import EpochResult, Trainer
 from .learn.models import count_params
 
@@ -73,6 +73,8 @@ class Recorder:
                 "num_classes": len(data.classes),
                 "world_size": world,  # processes training together (torchrun); batch_size is per process
                 "global_batch_size": cfg.batch_size * world,
+                # what the logged models do to a [0, 1] pixel before the network, per channel
+                **{f"normalisation_{k}": ",".join(map(str, vs)) for k, vs in zip(("mean", "std"), normalisation(data))},
             },
         )
         self.check_writable(cfg)
@@ -187,19 +189,49 @@ def log_results(prepared: Prepared, trainer: Trainer, run_id: str) -> None:
 def log_models(prepared: Prepared, trainer: Trainer, run_id: str) -> None:
     """The final model ('model') and the best epoch's ('best'), each with the metrics measured on it.
 
+    Each is a ``served_model.Classifier``: it takes images as a user has them (float32 pixels in
+    [0, 1], N x C x image_size x image_size), normalises them as this run did, and returns class
+    probabilities; the class names and the normalisation go with it, in its files and metadata.
     The best epoch is chosen on the validation set, so 'best' is what an optimistic
     ``zar compare --select best`` row stands for; the final model is what the default row is.
     """
     data = prepared.data
-    example = torch.stack([data.val[i][0] for i in range(min(2, len(data.val)))])
+    mean, std = normalisation(data)
+    example = torch.stack([pixels(data, i) for i in range(min(2, len(data.val)))])
     if len(example) < 2:  # torch.export fixes a batch size of one; two keeps it free
         example = example.repeat(2, 1, 1, 1)
     example = example.numpy().astype(np.float32)
-    requirements = [f"torch=={torch.__version__.split('+')[0]}"]
-    model = trainer.model.eval().to("cpu")
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas"]
+    metadata = {
+        "classes": data.classes,
+        "input": "float32 pixels in [0, 1], N x C x H x W at image_size; C = 1 (grayscale) or 3 (RGB)",
+        "normalisation_mean": mean,
+        "normalisation_std": std,
+        "output": "class probabilities (softmax); the pyfunc adds the predicted class's name",
+    }
+    network = trainer.model.eval().to("cpu")
     last, best = trainer.history[-1], trainer.history[trainer.best_epoch - 1]
     for name, state, result in (("model", None, last), ("best", trainer.best_state, best)):
         if state is not None:
-            model.load_state_dict(state)
+            network.load_state_dict(state)
+        classifier = served_model.Classifier(network, mean, std).eval()
         # MLflow links the run's metrics of that step (epoch) to the model: its page shows them.
-        tracking.log_model(model, name, result.epoch, example, requirements)
+        tracking.log_model(classifier, name, result.epoch, example, requirements, data.classes, metadata)
+
+
+def normalisation(data: DataBundle) -> tuple[list[float], list[float]]:
+    """The mean and std per input channel that the run's images were normalised with.
+
+    The built-in data (grayscale) uses its training split's own (``SmallImages``); an image
+    folder (RGB), ImageNet's.
+    """
+    if isinstance(data.train, SmallImages):
+        return [data.train.mean], [data.train.std]
+    return list(IMAGENET_MEAN), list(IMAGENET_STD)
+
+
+def pixels(data: DataBundle, i: int) -> torch.Tensor:
+    """Validation image ``i`` as a user has it: unnormalised, at image_size, float32 in [0, 1]."""
+    mean, std = normalisation(data)
+    x = data.val[i][0][: len(mean)]
+    return x * torch.tensor(std).reshape(-1, 1, 1) + torch.tensor(mean).reshape(-1, 1, 1)

@@ -492,19 +492,62 @@ def _warm_up() -> None:
         _init_packages_to_modules_map()
 
 
-def log_model(model, name: str, step: int, input_example, pip_requirements: list[str]) -> str:
-    """The PyTorch model, as ``mlflow.pytorch.load_model`` loads it back, in the active run; its model id.
+def log_model(
+    classifier, name: str, step: int, input_example, pip_requirements: list[str], classes: list[str], metadata: dict
+) -> str:
+    """The classifier (zar.learn.served_model), as every MLflow client loads it without zar, in the active run; its id.
 
+    One model, two flavours: ``pytorch`` is the ``torch.export``ed program (images in, class
+    probabilities out) that ``mlflow.pytorch.load_model`` returns; ``python_function`` is that
+    program behind served_model.py, copied into the model (``code_paths``), so that
+    ``mlflow.pyfunc.load_model``, ``mlflow models serve`` and the registry answer with class names.
     ``step``: the epoch the weights are from; MLflow links that step's metrics to the model.
     ``validate_serving_input=False``: MLflow would load the saved model back and run the example
     through it (2.5 s a run); zar's tests load a logged model and predict with it instead.
     """
-    info = mlflow.pytorch.log_model(
-        model,
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from ..learn import served_model
+
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(input_example.dtype, (-1, *input_example.shape[1:]))]),
+        outputs=Schema(
+            [ColSpec("string", served_model.label_column(classes))] + [ColSpec("float", c) for c in classes]
+        ),
+    )
+    info = Model.log(
+        None,  # artifact_path: deprecated for name
         name=name,
+        flavor=_Classifier(classes),
+        flavor_name="mlflow.pytorch",
         step=step,
+        metadata=metadata,
+        pytorch_model=classifier,
+        signature=signature,
         input_example=input_example,
         pip_requirements=pip_requirements,
+        serialization_format="pt2",
+        code_paths=[served_model.__file__],
         validate_serving_input=False,
     )
     return info.model_id
+
+
+class _Classifier:
+    """A flavour for ``Model.log``: MLflow's pytorch flavour, its pyfunc loaded by served_model.py."""
+
+    def __init__(self, classes: list[str]):
+        self.classes = classes
+
+    def save_model(self, path: str, mlflow_model, **kwargs) -> None:
+        from ..learn import served_model
+
+        kwargs.pop("validate_serving_input", None)  # Model.log's, not the flavour's
+        mlflow.pytorch.save_model(path=path, mlflow_model=mlflow_model, **kwargs)
+        pyfunc = mlflow_model.flavors["python_function"]
+        (Path(path) / pyfunc["data"] / served_model.CLASSES).write_text(json.dumps(self.classes))
+        pyfunc["loader_module"] = Path(served_model.__file__).stem
+        for key in ("config", "pickle_module_name"):  # the pytorch loader's; served_model's takes none
+            pyfunc.pop(key, None)
+        mlflow_model.save(str(Path(path) / "MLmodel"))
