@@ -111,7 +111,8 @@ def run_study(
         continue_hint=CONTINUE_HINT.format(run_id=run_id),
     ):
         if not continued:
-            params = {k: v for k, v in cfg.to_dict().items() if k not in vary}  # a varied key has no one value
+            # A varied key has no one value, and the seed is the children's: the parent records `seeds`.
+            params = {k: v for k, v in cfg.to_dict().items() if k not in vary and k != "seed"}
             params.update(models=",".join(models), seeds=",".join(map(str, seeds)), jobs=jobs)
             if vary:
                 params["vary"] = ablation.describe(vary)

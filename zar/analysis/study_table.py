@@ -78,20 +78,26 @@ def log_report(parent, table: list[TableRow], echo) -> None:
 
 def table_metrics(table: list[TableRow]) -> dict[str, float]:
     """The table's numbers as the parent run's metrics (``val_acc_mean.se_mish``), so that the runs
-    table and the Compare view show them, not only the artifacts. Accuracies in percent, as printed."""
+    table and the Compare view show them, not only the artifacts.
+
+    Accuracies are fractions, as every run's ``val_acc`` is (and MLflow's and scikit-learn's own
+    loggers log them): the table prints percent, the metrics do not, so an export or a chart of the
+    experiment never mixes the two scales. The difference from the baseline is a fraction too.
+    """
+    fraction = 1 / 100  # the table's rows hold percent and percentage points
     out = {}
     by_model = len({row.model for row in table}) == len(table)  # else rows differ in settings too
     # An ablation's rows by model and varied values (val_acc_mean.se.se_reduction_4), else by their names.
     grouped = [row.model + "".join(f".{k}_{v}" for k, v in row.group.items()) for row in table]
     by_group = any(row.group for row in table) and len(set(grouped)) == len(table)
     for row, group_name in zip(table, grouped):
-        values = {
+        accuracies = {
             "val_acc_mean": row.val_acc_mean,
             "val_acc_std": row.val_acc_std,
             "train_eval_acc_mean": row.train_eval_acc_mean,
             "val_acc_vs_baseline": row.val_acc_vs_baseline,
-            "runs": row.runs,
         }
+        values = {k: v * fraction for k, v in accuracies.items() if v is not None} | {"runs": row.runs}
         name = row.model if by_model else group_name if by_group else row.name
         name = re.sub(r"[^\w./ -]+", "_", name)  # what MLflow keys may hold
         out.update({f"{key}.{name}": v for key, v in values.items() if v is not None and math.isfinite(v)})
