@@ -92,6 +92,19 @@ def test_sweep_records_each_trial_prunes_fails_and_reports_the_best(store, tmp_p
     # Without --seeds there is no table of re-runs: compare says where the best trials are.
     plain = invoke("compare", "--parent", parent.info.run_id)
     assert plain.exit_code == 2 and "--select best-trial" in plain.output
+    # What optuna-dashboard reads, through Optuna's public API: the objective's name and the way back to MLflow.
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    (summary,) = optuna.get_all_study_summaries(storage)
+    assert summary.study_name == study.study_name and parent.data.tags["zar.sweep_key"] in summary.study_name
+    assert optuna.load_study(study_name=summary.study_name, storage=storage).metric_names == ["val_acc"]
+    exp_id, run_id = parent.info.experiment_id, parent.info.run_id
+    assert summary.user_attrs == {
+        "mlflow_experiment": "zar",
+        "mlflow_experiment_id": exp_id,
+        "mlflow_run_id": run_id,
+        "mlflow_run_url": f"http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning",
+        "zar_sweep_key": parent.data.tags["zar.sweep_key"],
+    }
 
 
 def test_seeds_train_each_best_configuration_again_for_mean_and_std(store, tmp_path):

@@ -242,6 +242,8 @@ def _begin(spec: SweepSpec, cfg: TrainConfig, key: str, url: str, parent, worker
             heartbeat_stale_trial_callback=lambda study, trial: _taken_for_dead(experiment_id, study, trial),
         )
         studies = {m: _study(spec, storage, key, m) for m in spec.models}
+        for study in studies.values():
+            _link(study, parent, key)
     except Exception as e:
         raise UserError(f"cannot open the Optuna storage {redact(url)}: {describe(e)}") from None
     return Search(spec, cfg, storage, studies, experiment_id, parent.info.run_id, worker, data, progress, echo)
@@ -287,6 +289,17 @@ def _study(spec: SweepSpec, storage: optuna.storages.RDBStorage, key: str, model
         pruner=optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials),
         load_if_exists=True,
     )
+
+
+def _link(study: optuna.Study, parent, key: str) -> None:
+    """optuna-dashboard's view: the objective's name, and the sweep run (``optuna_studies`` names each study)."""
+    study.set_metric_names(["val_acc"])
+    experiment_id, run_id = parent.info.experiment_id, parent.info.run_id
+    links = {"mlflow_experiment": tracking.experiment_name(experiment_id), "mlflow_experiment_id": experiment_id}
+    links |= {"mlflow_run_id": run_id, "mlflow_run_url": tracking.runs_url(experiment_id, run_id), "zar_sweep_key": key}
+    for name, value in links.items():
+        if study.user_attrs.get(name) != value:  # a continued sweep's later run is linked instead
+            study.set_user_attr(name, value)
 
 
 def _taken_for_dead(experiment_id: str, study: optuna.Study, trial) -> None:
