@@ -176,3 +176,78 @@ def test_a_markdown_report_onto_a_file_is_a_one_line_error(in_study, tmp_path):
     assert result.exit_code == 2 and result.stderr.count("\n") == 1
     assert f"{taken} is a file; name the folder to write report.md into" in result.stderr
     assert taken.read_text() == "a file where the report's folder would go"
+
+
+# --- the figures themselves, read from matplotlib before they are saved (issue 22, item 6) -----------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Each figure zar.plots saves, kept open for the test to read."""
+    from zar import plots
+
+    kept = []
+    save = plots._save
+
+    def keep(fig, path):
+        kept.append(fig)
+        fig.savefig(path, dpi=plots.DPI)
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    yield kept
+    monkeypatch.setattr(plots, "_save", save)
+    for fig in kept:
+        plots.plt.close(fig)
+
+
+def test_acc_curve_shows_train_in_eval_mode_against_validation_and_train_mode_dashed(figures, tmp_path):
+    from zar import plots
+
+    history = [
+        {"epoch": e, "train_acc": t, "train_eval_acc": te, "val_acc": v}
+        for e, t, te, v in ((1, 0.9, 0.4, 0.38), (2, 0.95, 0.5, 0.47))
+    ]
+    plots.curve(history, "acc", "ResNet-18: accuracy", tmp_path / "acc_curve.png")
+    (ax,) = figures[0].axes
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines) == ["train (eval mode)", "validation", "train (train mode, running mean)"]
+    assert list(lines["train (eval mode)"].get_ydata()) == [40.0, 50.0]  # percent, as the axis says
+    assert lines["train (train mode, running mean)"].get_linestyle() == "--"
+    assert lines["train (eval mode)"].get_linestyle() == lines["validation"].get_linestyle() == "-"
+    assert ax.get_ylabel() == "acc (%)"
+
+
+def test_overlapping_bands_of_three_rows_stay_apart(figures, tmp_path):
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import to_hex
+
+    from zar import plots
+
+    colors = plots.row_colors(["a", "b", "c"])
+    same = [[80.0, 90.0], [85.0, 95.0]]  # three rows whose runs span the same band
+    series = [plots.Series(label, colors[label], [1, 2], [[v / 100 for v in r] for r in same]) for label in colors]
+    plots.mean_band(series, "val acc (%)", "Validation accuracy", tmp_path / "val_acc.png", scale=100)
+    (ax,) = figures[0].axes
+    edged = [c for c in ax.collections if isinstance(c, PolyCollection) and c.get_hatch()]
+    assert len(edged) == 3
+    assert len({c.get_hatch() for c in edged}) == 3  # each row its own hatch
+    assert [to_hex(c.get_edgecolor()[0]) for c in edged] == list(colors.values())  # and its own colour
+
+
+@pytest.mark.parametrize("classes, rows", [(10, 5), (4, 2), (20, 3)])
+def test_confusion_numbers_are_readable_at_1200_px(figures, tmp_path, classes, rows):
+    import numpy as np
+
+    from zar import plots
+
+    labels = [str(k) for k in range(classes)]
+    matrices = [(f"row {r}", "#1f77b4", np.full((classes, classes), 123)) for r in range(rows)]
+    plots.confusion_grid(matrices, labels, tmp_path / "confusion.png")
+    fig = figures[0]
+    width_px = fig.get_size_inches()[0] * plots.DPI
+    shown = min(1.0, 1100 / width_px)  # the report's body is 1100 px wide in a 1200 px window
+    numbers = [t for ax in fig.axes for t in ax.texts]
+    assert len(numbers) == (rows * classes * classes if classes <= 20 else 0)
+    smallest_px = min(t.get_fontsize() for t in numbers) * plots.DPI / 72 * shown
+    assert smallest_px >= 11, f"confusion-matrix numbers are {smallest_px:.1f} px tall on the page"

@@ -27,24 +27,40 @@ def literal_text(plot):
     return wrapper
 
 
+DPI = 120
+CONFUSION_WIDTH_PX = 1100  # the report's widest image (its body's max-width)
+CONFUSION_FONT_PT = 9
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
 
 @literal_text
 def curve(history: Sequence[dict], key: str, title: str, path: Path) -> Path:
-    """Train and validation ``key`` per epoch, as in the study's accuracy and loss plots."""
+    """Train and validation ``key`` per epoch: the train set measured as validation is (eval mode,
+    after the epoch) against validation, and the train-mode running mean over the epoch's batches
+    (``train_acc``, what the study reported) dashed beside them. Accuracies in percent."""
+    scale, unit = (100, " (%)") if key == "acc" else (1, "")
     epochs = [h["epoch"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(epochs, [h[f"train_{key}"] for h in history], marker="o", label="train")
-    ax.plot(epochs, [h[f"val_{key}"] for h in history], marker="o", label="validation")
-    ax.set(xlabel="epoch", ylabel=key, title=title)
+    if all(np.isfinite(h.get(f"train_eval_{key}", np.nan)) for h in history):  # measured with a train_eval_set
+        ax.plot(epochs, [scale * h[f"train_eval_{key}"] for h in history], marker="o", label="train (eval mode)")
+    ax.plot(epochs, [scale * h[f"val_{key}"] for h in history], marker="o", label="validation")
+    ax.plot(
+        epochs,
+        [scale * h[f"train_{key}"] for h in history],
+        ls="--",
+        color="0.5",
+        label="train (train mode, running mean)",
+    )
+    ax.set(xlabel="epoch", ylabel=key + unit, title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return _save(fig, path)
 
 
@@ -133,16 +149,21 @@ def _epoch_axis(ax, epochs: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
+HATCHES = ("////", "\\\\\\\\", "||||", "----", "xxx", "....", "++")
+
+
 @literal_text
 def mean_band(series: Sequence[Series], ylabel: str, title: str, path: Path, scale: float = 1.0) -> Path:
     """Per row, the mean over its runs (line) and their min-max (band, where there are several)."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     every = []
-    for s in series:
+    for k, s in enumerate(series):
         values = scale * np.array(s.values, dtype=float)
         ax.plot(s.epochs, values.mean(0), marker="o", ms=3, color=s.color, label=f"{s.label} (n={len(values)})")
-        if len(values) > 1:
-            ax.fill_between(s.epochs, values.min(0), values.max(0), color=s.color, alpha=0.15, lw=0)
+        if len(values) > 1:  # hatched and edged in its row's colour: overlapping bands stay apart
+            ax.fill_between(s.epochs, values.min(0), values.max(0), facecolor=s.color, alpha=0.08, lw=0)
+            ax.fill_between(s.epochs, values.min(0), values.max(0), facecolor="none", edgecolor=s.color, lw=0.8,
+                            ls=":", hatch=HATCHES[k % len(HATCHES)])  # fmt: skip
         every += s.epochs
     _epoch_axis(ax, every)
     ax.set(ylabel=ylabel, title=title)
@@ -169,18 +190,21 @@ def losses(train: Sequence[Series], val: Sequence[Series], path: Path) -> Path:
 def confusion_grid(matrices: Sequence[tuple[str, str, np.ndarray]], labels: Sequence[str], path: Path) -> Path:
     """The rows' confusion matrices side by side, each titled and framed in its row's colour."""
     n, k = len(matrices), len(labels)
-    cols = min(n, 3)
+    # The report shows the figure at most 1100 px wide (CONFUSION_WIDTH_PX): two matrices a row at
+    # most, one when there are many classes, so that a 9 pt number is still 13 px on the page.
+    cols = 1 if k > 12 else min(n, 2)
     rows = -(-n // cols)
-    side = min(5.0, 2.0 + 0.3 * k)
+    side = min(CONFUSION_WIDTH_PX / DPI / cols, 2.0 + 0.45 * k)
+    size = CONFUSION_FONT_PT if k <= 12 else 7
     fig, axes = plt.subplots(rows, cols, figsize=(side * cols, side * rows + 0.4), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     for ax, (title, color, matrix) in zip(axes.flat, matrices):
         ax.imshow(matrix, cmap="Blues")
-        ax.set_title(title, fontsize=9, color=color)
+        ax.set_title(title, fontsize=10, color=color)
         ax.set(xticks=range(k), yticks=range(k), xlabel="predicted", ylabel="true")
-        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=7)
-        ax.set_yticklabels(labels, fontsize=7)
+        ax.set_xticklabels(labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticklabels(labels, fontsize=8)
         for spine in ax.spines.values():
             spine.set_edgecolor(color)
             spine.set_linewidth(2)
@@ -188,6 +212,6 @@ def confusion_grid(matrices: Sequence[tuple[str, str, np.ndarray]], labels: Sequ
             threshold = matrix.max() / 2 if matrix.size else 0
             for i in range(k):
                 for j in range(k):
-                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=6,
+                    ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=size,
                             color="white" if matrix[i, j] > threshold else "black")  # fmt: skip
     return _save(fig, path)
