@@ -20,7 +20,7 @@ import torch
 from sklearn.metrics import classification_report, confusion_matrix
 from torch.utils.serialization import config as serialization_config
 
-from . import plots, tracking
+from . import plots, predictions, tracking
 from .checks import BUILT_IN_DATA
 from .config import TrainConfig, to_yaml
 from .errors import UserError, clip
@@ -183,6 +183,7 @@ def log_results(prepared: Prepared, trainer: Trainer, run_id: str) -> None:
         plots.curve(history, "acc", f"{display}: accuracy", out / "acc_curve.png")
         plots.curve(history, "loss", f"{display}: loss", out / "loss_curve.png")
         tracking.log_artifacts(run_id, tmp)
+    predictions.log_predictions(prepared, trainer, run_id)  # before log_models moves the model to the CPU
     log_models(prepared, trainer, run_id)
 
 

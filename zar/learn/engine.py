@@ -16,7 +16,7 @@ import contextlib
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ class Evaluation:
     acc: float
     y_true: list[int]
     y_pred: list[int]
+    p_true: list[float] = field(default_factory=list)  # each image's softmax probability of its true class
 
 
 # Evaluation has no optimizer step and keeps no activations for backward: bigger batches
@@ -295,11 +296,12 @@ def _all_finite(loss: float, device: torch.device) -> bool:
 
 @torch.inference_mode()
 def evaluate(model, loader, precision: Precision, sharded: bool = False) -> Evaluation:
-    """Loss, accuracy and every prediction over ``loader``; ``sharded``: each rank's loader holds its
-    ``distributed.shard`` of the set, and the ranks' results are put back in the set's order."""
+    """Loss, accuracy and every prediction over ``loader`` (class, and probability of the true class);
+    ``sharded``: each rank's loader holds its ``distributed.shard`` of the set, and the ranks'
+    results are put back in the set's order."""
     model.eval()
     criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, y_true, y_pred = 0.0, [], []
+    loss_sum, y_true, y_pred, p_true = 0.0, [], [], []
     for x, y in loader:
         x, y = precision.inputs(x), y.to(precision.device)
         with precision.autocast():
@@ -307,15 +309,15 @@ def evaluate(model, loader, precision: Precision, sharded: bool = False) -> Eval
         loss_sum += criterion(logits.float(), y).item()
         y_true += y.tolist()
         y_pred += logits.argmax(1).tolist()
+        p_true += logits.float().softmax(1).gather(1, y[:, None])[:, 0].tolist()
     if sharded and distributed.active():
-        parts = distributed.all_gather((loss_sum, y_true, y_pred))
+        parts = distributed.all_gather((loss_sum, y_true, y_pred, p_true))
         w = len(parts)
         n = sum(len(p[1]) for p in parts)  # rank r holds samples r, r + w, ...: sample i is rank i % w's (i // w)th
-        y_true = [parts[i % w][1][i // w] for i in range(n)]
-        y_pred = [parts[i % w][2][i // w] for i in range(n)]
+        y_true, y_pred, p_true = ([parts[i % w][k][i // w] for i in range(n)] for k in (1, 2, 3))
         loss_sum = sum(p[0] for p in parts)
     n = len(y_true)
-    return Evaluation(loss_sum / n, sum(t == p for t, p in zip(y_true, y_pred)) / n, y_true, y_pred)
+    return Evaluation(loss_sum / n, sum(t == p for t, p in zip(y_true, y_pred)) / n, y_true, y_pred, p_true)
 
 
 class Trainer:
@@ -376,7 +378,7 @@ class Trainer:
                 dataset = Subset(dataset, distributed.shard(len(dataset)))
             return DataLoader(dataset, eval_batch, num_workers=cfg.workers, pin_memory=pin)
 
-        self.val_loader = eval_loader(val_set)
+        self.val_set, self.val_loader = val_set, eval_loader(val_set)
         # The training images that are evaluated like the validation set after each epoch.
         self.train_eval_loader = eval_loader(train_eval_set) if train_eval_set is not None else None
         self.scheduler = make_scheduler(self.optimizer, cfg, len(self.train_loader))
@@ -443,6 +445,21 @@ class Trainer:
         if self.last_evaluation is None:
             self.last_evaluation = self._evaluate(self.val_loader)
         return self.last_evaluation
+
+    def evaluate_best(self) -> Evaluation:
+        """The best epoch's weights (``best_state``) on the validation set; the model keeps its own weights."""
+        if self.best_state is None or self.best_epoch == self.epoch:
+            return self.evaluate()
+        current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self.best_state)
+        try:
+            if not distributed.active():
+                return self._evaluate(self.val_loader)
+            # Under torchrun only rank 0 records: the whole set here, with no collective the others would wait in.
+            loader = DataLoader(self.val_set, self.val_loader.batch_size, num_workers=self.cfg.workers)
+            return evaluate(self.model, loader, self.precision)
+        finally:
+            self.model.load_state_dict(current)
 
     def _evaluate(self, loader) -> Evaluation:
         return evaluate(self.model, loader, self.precision, sharded=distributed.active())
