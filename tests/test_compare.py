@@ -142,7 +142,7 @@ def test_markdown_has_the_study_columns_and_cells():
     lines = render(build_table(RUNS)).splitlines()
     assert lines[0] == (
         "| Model | Train Acc, eval mode (%) | Val Acc (%) | Train - Val gap, eval mode (pp) "
-        "| Val Acc vs baseline (pp) [95% CI] (p) | Params (M) | Runs |"
+        "| Val Acc vs baseline (pp) [95% CI] (p) | Params (M) | Runs | Verdict |"
     )
     assert lines[0] == HEADER
     assert lines[1].count("|") == len(COLUMNS) + 1
@@ -150,9 +150,9 @@ def test_markdown_has_the_study_columns_and_cells():
     ci = stats.ttest_ind([81, 89], [80, 84], equal_var=False).confidence_interval(0.95)
     assert lines[4] == (
         f"| SE-ResNet-34 | 96.00 ± 1.41 | 85.00 ± 5.66 | +11.00 ± 4.24 | +3.00 [{ci.low:+.2f}, {ci.high:+.2f}] "
-        "| 21.50 | 2 |"
+        "| 21.50 | 2 | undecided (~36 seeds) |"  # a t-test's 80% power at d = 3 / sqrt((5.66² + 2.83²) / 2)
     )
-    assert "| ResNet-34 | 92.00 ± 2.83 | 82.00 ± 2.83 | +10.00 ± 0.00 | baseline | 21.30 | 2 |" in lines
+    assert "| ResNet-34 | 92.00 ± 2.83 | 82.00 ± 2.83 | +10.00 ± 0.00 | baseline | 21.30 | 2 | - |" in lines
 
 
 def test_markdown_marks_small_p_values():
@@ -184,7 +184,7 @@ def test_json_parses_to_the_table():
 def test_latex_is_a_tabular_with_escaped_text():
     runs = RUNS + [row("my_net", "my_net", 0.9, 0.8), row("rd", "R&D #1", 0.9, 0.8)]
     text = render(build_table(runs), "latex")
-    assert text.startswith(r"\begin{tabular}{lrrrrrr}") and text.count(r"\end{tabular}") == 1
+    assert text.startswith(r"\begin{tabular}{lrrrrrrr}") and text.count(r"\end{tabular}") == 1
     notes = text.split("\\end{tabular}\n")[1]  # the notes, in a group of small type after the tabular
     assert notes.startswith(r"\par{\footnotesize") and notes.rstrip().endswith("}") and "runs per side" in notes
     assert r"Train Acc, eval mode (\%)" in text and r"$\pm$" in text and r"my\_net" in text and r"R\&D \#1" in text

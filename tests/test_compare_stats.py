@@ -165,7 +165,7 @@ def test_select_best_headers_and_note_say_optimistic(client):
     assert lines[0] == (
         "| Model | Train Acc at best epoch, eval mode (%) | Best-epoch Val Acc (%), optimistic "
         "| Train - Val gap at best epoch, eval mode (pp) "
-        "| Best-epoch Val Acc vs baseline (pp) [95% CI] (p), optimistic | Params (M) | Runs |"
+        "| Best-epoch Val Acc vs baseline (pp) [95% CI] (p), optimistic | Params (M) | Runs | Verdict |"
     )
     assert lines[0] == "| " + " | ".join(columns("best")) + " |"
     assert (
@@ -440,7 +440,7 @@ def test_a_non_finite_parameter_count_is_na_not_a_crash(client):
     log_run(client, exp, "resnet", 0.8, 0.8, params_total=math.nan)
     result = invoke("compare")
     assert result.exit_code == 0, result.output
-    assert markdown_rows(result.stdout)[0][-2:] == ["n/a", "1"]
+    assert markdown_rows(result.stdout)[0][-3:] == ["n/a", "1", "-"]
 
 
 def test_a_key_an_older_run_did_not_record_counts_as_its_default(client):

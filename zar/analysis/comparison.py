@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from .. import tracking
 from ..errors import UserError
 from ..tracking import runs
-from .fetch import Fetched, describe_parent, describe_usage, fetch_bench, fetch_runs, require_rows
+from .fetch import Fetched, Parent, describe_parent, describe_usage, fetch_bench, fetch_runs, require_rows
 from .grouping import check_comparable, check_group_by
+from .judging import Judging
 from .render import EXTENSIONS
 from .table import Table, build_table
+from .verdicts import DEFAULT_MARGIN
 
 
 @dataclass
@@ -44,11 +46,15 @@ def comparison(
     select: str = "last",
     include_unfinished: bool = False,
     strict: bool = False,
+    margin: float | None = None,
+    stats: str = "bootstrap",
 ) -> Comparison:
     """The table of ``zar compare`` with these options; ``zar report`` builds on the same one.
 
     With ``parent`` a sweep's run, its --seeds runs, each architecture at its best trial; with a
     study's run, a row per value of what that study varied (unless ``group_by`` says otherwise).
+    ``margin`` (points; default the study's, else 1) and ``stats`` make each verdict; a study run
+    --until-decided is judged by its sequential design.
     """
     baseline_value = baseline_value or {}
     user_filter = filter_string
@@ -71,10 +77,24 @@ def comparison(
     check_group_by(fetched.rows, grouped)
     warnings = check_comparable(fetched.rows, strict, [*grouped, *(tuned or ())])  # those are meant to differ
     bench = fetch_bench(experiment) if with_bench else None
+    judging = judging_for(found, margin, stats)
     table = build_table(
-        fetched.rows, baseline, group_by=group_by, baseline_value=baseline_value, bench=bench, tuned=tuned or ()
+        fetched.rows,
+        baseline,
+        group_by=group_by,
+        baseline_value=baseline_value,
+        bench=bench,
+        tuned=tuned or (),
+        judging=judging,
     )
     return Comparison(table, fetched, warnings, group_by, experiment, parent, user_filter)
+
+
+def judging_for(parent: Parent | None, margin: float | None = None, stats: str = "bootstrap") -> Judging:
+    """How a table of ``parent``'s runs is judged: its study's margin and sequential design where it has them."""
+    if margin is None:
+        margin = (parent.margin if parent is not None else None) or DEFAULT_MARGIN
+    return Judging(stats, margin, sequential=parent.sequential if parent is not None else None)
 
 
 def keep_in_env_run(text: str, fmt: str) -> None:

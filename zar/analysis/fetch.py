@@ -18,6 +18,7 @@ from typing import Any
 from .. import tracking
 from ..config import FIELD_TYPES, MATCHED_KEYS, TrainConfig
 from ..errors import UserError
+from ..predictions import TAG as PREDICTIONS_TAG
 
 SELECT = ("last", "best")
 # The MLflow metrics each --select reads: (train accuracy in eval mode, val accuracy).
@@ -57,6 +58,7 @@ class RunRow:
     select: str = "last"  # which epoch's numbers: the last, or the best on the validation set
     device: str = ""  # where it trained (zar.device): "cpu", "cuda"
     all_params: dict[str, str] = field(default_factory=dict)  # every param as logged, for --group-by
+    has_predictions: bool = False  # it logged its per-image validation predictions (zar.predictions)
 
 
 @dataclass
@@ -98,6 +100,19 @@ class Parent:
             raise self.missing
         spec = self.run.data.params.get("vary", "")
         return [part.partition("=")[0].strip() for part in spec.split(";") if "=" in part]
+
+    @property
+    def sequential(self) -> tuple[int, int] | None:
+        """A study run with --until-decided: (seeds of its first round, --max-seeds); None otherwise."""
+        if self.run is None or "max_seeds" not in self.run.data.params:
+            return None
+        return int(self.run.data.params["round_seeds"]), int(self.run.data.params["max_seeds"])
+
+    @property
+    def margin(self) -> float | None:
+        """The --margin a study judged its comparisons with, where it logged one."""
+        value = self.run.data.params.get("margin") if self.run is not None else None
+        return float(value) if value else None
 
     @property
     def tuned_keys(self) -> list[str] | None:
@@ -184,6 +199,7 @@ def run_row(run, select: str = "last", include_unfinished: bool = False) -> RunR
         select,
         _device_type(tags.get(tracking.TAG_DEVICE, "")),
         dict(params),
+        tags.get(PREDICTIONS_TAG) == "1",
     )
 
 

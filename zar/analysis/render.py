@@ -32,6 +32,9 @@ LATEX_ESCAPES = str.maketrans(
 )
 
 
+VERDICT = "Verdict"  # better, worse, equivalent (±δ), undecided (~N seeds): zar.analysis.verdicts
+
+
 def columns(select: str = "last") -> list[str]:
     """The table's headers: what each number is, for this ``--select``."""
     if select == "best":
@@ -43,6 +46,7 @@ def columns(select: str = "last") -> list[str]:
             "Best-epoch Val Acc vs baseline (pp) [95% CI] (p), optimistic",
             "Params (M)",
             "Runs",
+            VERDICT,
         ]
     return [
         "Model",
@@ -52,6 +56,7 @@ def columns(select: str = "last") -> list[str]:
         "Val Acc vs baseline (pp) [95% CI] (p)",
         "Params (M)",
         "Runs",
+        VERDICT,
     ]
 
 
@@ -141,6 +146,7 @@ def _cells(row: TableRow, pm: str = "±", compared: bool = True, with_bench: boo
         _delta(row, compared),
         _num(row.params_m),
         str(row.runs),
+        row.verdict if compared and row.verdict else "-",
     ]
     if with_bench:
         b = row.bench or {}

@@ -17,6 +17,7 @@ from ..variants import VARIANTS
 from .bench import bench_numbers, match_bench
 from .fetch import METRICS, SELECT, BenchRun, RunRow, canonical, param_value
 from .grouping import as_tuned, base_name, check_group_by, differing_hparams, labels, numeric, row_key, sort_key
+from .judging import Judging, judge, judging_notes
 from .stats import MIN_RUNS_FOR_P, holm, mean_std, welch
 
 DEFAULT_BASELINE = "resnet"
@@ -47,6 +48,9 @@ class TableRow:
     train_metric: str = "train_eval_acc"  # the MLflow metrics the numbers are means of
     val_metric: str = "val_acc"
     comparisons: int = 0  # how many p-values the Holm adjustment covers
+    verdict: str = ""  # better, worse, equivalent (±δ), undecided (~N seeds); "" where not compared
+    seeds_needed: int | None = None  # an undecided row's estimate of the seeds per side that would decide it
+    method: str = ""  # what made the CI, p and verdict: "bootstrap" (paired, per image) or "welch" (seeds)
     note: str = ""  # why a number is missing
     group: dict[str, str] = field(default_factory=dict)  # --group-by key -> this row's value
     bench: dict | None = None  # with --with-bench: the matching bench run's numbers (None: none matched)
@@ -88,6 +92,7 @@ def build_table(
     baseline_value: dict[str, str] | None = None,
     bench: list[BenchRun] | None = None,
     tuned: list[str] | tuple[str, ...] = (),
+    judging: Judging | None = None,
 ) -> Table:
     """One row per architecture and settings, in the study's order; accuracies in percent.
 
@@ -101,8 +106,11 @@ def build_table(
     settings, in place of a baseline architecture. ``bench``: zar bench runs to join to the rows
     (None: no bench columns). ``select`` defaults to that of the runs. ``tuned``: keys each
     architecture sets for itself (a sweep's best configurations): they may differ between rows,
-    never within one, and do not keep a row from its baseline.
+    never within one, and do not keep a row from its baseline. ``judging``: how each comparison's
+    interval and verdict are made (zar.analysis.judging; default: the paired bootstrap where runs
+    logged predictions, read for those runs only).
     """
+    judging = judging or Judging()
     select = _check(rows, baseline, select)
     rows = as_tuned(rows, tuned)
     baseline_value = {k: canonical(k, str(v)) for k, v in (baseline_value or {}).items()}
@@ -126,11 +134,9 @@ def build_table(
             if matched is None:
                 missing_bench.append(f"{names[key]} ({why})")
         table.append(row)
-    tested = [r for r in table if r.p_value is not None]
-    for r, adjusted in zip(tested, holm([r.p_value for r in tested])):
-        r.p_adjusted, r.comparisons = adjusted, len(tested)
+    judge(table, rows, judging, holm)  # each comparison's interval, Holm's adjustment, the verdicts
     differing = differing_hparams(rows, group_by)
-    table.notes = _notes(table, differing, baseline, group_by, baseline_value, missing_bench, tuned)
+    table.notes = _notes(table, differing, baseline, group_by, baseline_value, missing_bench, tuned, judging)
     return table
 
 
@@ -256,10 +262,12 @@ def _notes(
     baseline_value: dict[str, str] | None = None,
     missing_bench: list[str] = (),
     tuned: list[str] | tuple[str, ...] = (),
+    judging: Judging | None = None,
 ) -> list[str]:
     """What a reader must know to read the numbers: one sentence each."""
     notes = _reading_notes(table, differing, baseline, group_by, baseline_value)
     notes += _statistics_notes(table)
+    notes += judging_notes(table, judging or Judging())
     notes += _bench_notes(table, missing_bench)
     if tuned:
         notes.append(
@@ -309,14 +317,20 @@ def _statistics_notes(table: Table) -> list[str]:
     """How the intervals and p-values were made, and why a row has none."""
     notes = []
     compared = [r for r in table if r.val_acc_vs_baseline is not None]
-    if any(r.ci_low is not None for r in compared):
+    with_ci = [r for r in compared if r.ci_low is not None]
+    welch_ci = [r for r in with_ci if r.method != "bootstrap"]
+    if welch_ci:
+        which = "each difference" if len(welch_ci) == len(with_ci) else _names(welch_ci)
         notes.append(
-            "[95% CI]: Welch t interval (Welch–Satterthwaite df) of each difference, "
+            f"[95% CI]: Welch t interval (Welch–Satterthwaite df) of {which}, "
             "not adjusted for the number of comparisons."
         )
+    elif with_ci:
+        notes.append("[95% CI]: not adjusted for the number of comparisons.")
     tested = [r for r in compared if r.p_value is not None]
     if tested:
-        notes.append(f"p: Welch t-test, Holm-adjusted for {len(tested)} comparison{'s' * (len(tested) > 1)}.")
+        test = "Welch t-test" if all(r.method != "bootstrap" for r in tested) else "t-test (method below)"
+        notes.append(f"p: {test}, Holm-adjusted for {len(tested)} comparison{'s' * (len(tested) > 1)}.")
     few = [r for r in compared if r.p_value is None and min(r.runs, _base_runs(table, r)) < MIN_RUNS_FOR_P]
     if few:
         notes.append(f"p-values need at least {MIN_RUNS_FOR_P} runs per side: none for {_names(few)}.")

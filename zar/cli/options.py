@@ -127,3 +127,22 @@ def baseline_values(specs) -> dict[str, str]:
             raise click.BadParameter(f"{key} is given twice", param_hint="--baseline-value")
         out[key] = value.strip()
     return out
+
+
+def verdict_options(fn):
+    """``--margin`` and ``--stats``: how each comparison's verdict is made (zar.analysis.verdicts)."""
+    fn = click.option(
+        "--stats",
+        type=click.Choice(["bootstrap", "welch"]),
+        default="bootstrap",
+        show_default=True,
+        help="bootstrap: paired over seeds and validation images, where runs logged per-image predictions "
+        "(else Welch); welch: over seeds alone.",
+    )(fn)
+    return click.option(
+        "--margin",
+        type=click.FloatRange(0, 100, min_open=True, max_open=True),
+        metavar="PP",
+        help="Equivalence margin δ in points of val accuracy: 'equivalent (±δ)' when the 90% interval lies "
+        "inside ±δ.  [default: the study's, else 1]",
+    )(fn)

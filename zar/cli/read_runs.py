@@ -10,7 +10,7 @@ import click
 
 from ..tracking.store import probe_server
 from ..variants import DEPTHS, VARIANTS
-from .options import baseline_values, comma_list, experiment_option, filter_option
+from .options import baseline_values, comma_list, experiment_option, filter_option, verdict_options
 from .output import emit
 
 
@@ -71,6 +71,7 @@ def models(depth, num_classes):
 @click.option("--output", type=click.Path(dir_okay=False, writable=True), help="Write the table to this file.")
 @click.option("--include-unfinished", is_flag=True, help="Count runs that are not FINISHED too.")
 @click.option("--strict", is_flag=True, help="Refuse to compare runs whose hyperparameters differ.")
+@verdict_options
 def compare(
     experiment,
     parent,
@@ -84,6 +85,8 @@ def compare(
     output,
     include_unfinished,
     strict,
+    margin,
+    stats,
 ):
     """Print the study's table from the MLflow runs.
 
@@ -91,7 +94,9 @@ def compare(
     averaged together), and per value of each --group-by param (with --parent, the keys its
     study varied unless told); several seeds give mean ± std, the difference to the baseline
     with its 95% Welch confidence interval and, from 3 runs a side, a Holm-adjusted Welch
-    t-test p-value. 'zar bench' runs are never rows.
+    t-test p-value. Each comparison's Verdict: better, worse, equivalent (±--margin) or undecided
+    with the seeds per side that would decide it; paired per image where runs logged predictions.
+    'zar bench' runs are never rows.
     """
     if output and not os.path.isdir(os.path.dirname(output) or "."):  # else the table is made, then lost
         raise click.BadParameter(f"folder {os.path.dirname(output)} does not exist", param_hint="--output")
@@ -114,7 +119,7 @@ def compare(
         return
     found = comparison(
         experiment, parent, filter_string, baseline, group_by, baseline_value, with_bench, select,
-        include_unfinished, strict,
+        include_unfinished, strict, margin=margin, stats=stats,
     )  # fmt: skip
     for warning in found.warnings:
         click.echo(f"Warning: {warning}", err=True)
