@@ -123,8 +123,11 @@ def test_seeds_train_each_best_configuration_again_for_mean_and_std(store, tmp_p
 
     table = invoke("compare", "--parent", parent.info.run_id)
     assert table.exit_code == 0, table.output
-    row = next(line for line in table.output.splitlines() if line.startswith("| SE-ResNet-18"))
-    assert "±" in row and row.endswith(" | 2 |")  # mean ± std of the two seeds
+    lines = table.output.splitlines()
+    head = next(line for line in lines if line.startswith("| Model"))
+    row = next(line for line in lines if line.startswith("| SE-ResNet-18"))
+    cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | ")))
+    assert "±" in row and cells["Runs"] == "2"  # mean ± std of the two seeds
     assert "Each architecture at its own best trial's lr" in table.output
     assert table.output.split("\n\n")[0] in result.output  # what the sweep printed at its end
 
