@@ -20,10 +20,10 @@ import mlflow
 import psutil
 import pytest
 import torch
+import torch.nn.functional as F
 from mlflow.tracking import MlflowClient
 from sklearn.metrics import confusion_matrix
 from test_train import assert_complete_run
-from torch.utils.data import DataLoader
 
 from zar.config import TrainConfig
 from zar.learn.data import load_data
@@ -76,11 +76,10 @@ def test_two_processes_make_one_complete_run_whose_val_acc_is_the_logged_models(
     cfg = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, batch_size=16)
     data = load_data(cfg)
     assert data.fingerprint == run.data.tags["zar.split_fingerprint"]
-    y_true, y_pred = [], []
+    # The images as a user has them: [0, 1] pixels at image_size; the model normalises them itself.
+    pixels = F.interpolate(data.val.images, size=(16, 16), mode="bilinear", align_corners=False)
     with torch.inference_mode():  # the logged program was exported in eval mode
-        for x, y in DataLoader(data.val, 64):
-            y_true += y.tolist()
-            y_pred += model(x).argmax(1).tolist()
+        y_true, y_pred = list(data.val_labels), model(pixels).argmax(1).tolist()
     assert len(y_true) == 20
     assert sum(t == p for t, p in zip(y_true, y_pred)) / len(y_true) == run.data.metrics["val_acc"]
     logged_cm = json.loads(open(client.download_artifacts(run.info.run_id, "confusion_matrix.json")).read())

@@ -88,7 +88,7 @@ def test_sweep_records_each_trial_prunes_fails_and_reports_the_best(store, tmp_p
     assert printed in again.output
     artifact = Path(MlflowClient().download_artifacts(parent.info.run_id, "best_trials.md", str(tmp_path)))
     assert printed in artifact.read_text()
-    assert parent.data.metrics["best_trial_val_acc.resnet"] == pytest.approx(100 * best.value)
+    assert parent.data.metrics["best_trial_val_acc.resnet"] == pytest.approx(best.value)
     # Without --seeds there is no table of re-runs: compare says where the best trials are.
     plain = invoke("compare", "--parent", parent.info.run_id)
     assert plain.exit_code == 2 and "--select best-trial" in plain.output

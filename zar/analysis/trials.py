@@ -195,7 +195,8 @@ def log(run_id: str, best: BestTrials) -> None:
         for fmt, name in (("markdown", "best_trials.md"), ("csv", "best_trials.csv"), ("json", "best_trials.json")):
             (Path(tmp) / name).write_text(render(best, fmt))
         tracking.log_artifacts(run_id, tmp)
-    values = {f"best_trial_val_acc.{r.model}": r.val_acc for r in best.rows if r.val_acc is not None}
+    # A fraction, as every accuracy MLflow holds; the table shows percent.
+    values = {f"best_trial_val_acc.{r.model}": r.val_acc / 100 for r in best.rows if r.val_acc is not None}
     tracking.log_metrics(run_id, values)
 
 
