@@ -27,7 +27,7 @@ from zar.analysis.verdicts import (
     welch_interval,
 )
 
-from helpers import TINY, invoke
+from helpers import TINY, invoke, runs_of
 
 MU, SD_IMAGE, SD_ARCH_IMAGE, SD_SEED, SD_RUN = 3.4, 2.0, 0.3, 0.1, 0.3  # about 95% accuracy, as on the digits
 TOTAL = math.sqrt(SD_IMAGE**2 + SD_ARCH_IMAGE**2 + SD_SEED**2 + SD_RUN**2)
@@ -156,3 +156,24 @@ def test_a_bad_margin_is_one_line(store):
     result = invoke("compare", "--margin", "0")
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "--margin" in result.output.splitlines()[-1]
+
+
+def test_until_decided_stops_the_decided_comparisons_after_a_round(store):
+    """A margin of 99 points makes plain equivalent to resnet after the first round: no second round
+    trains, and the table is judged by the sequential design (its note says so)."""
+    result = invoke(
+        "study", "--models", "plain,resnet", "--seeds", "1,2,3", "--until-decided", "--max-seeds", "6",
+        "--margin", "99", *TINY,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "After 3 seeds a side: plain: equivalent (±99); undecided: none" in result.output
+    parents = runs_of(filter_string="tags.`zar.study` = '1'")
+    children = runs_of(filter_string=f"tags.`mlflow.parentRunId` = '{parents[0].info.run_id}'")
+    assert len(children) == 6 and parents[0].data.params["max_seeds"] == "6"
+    table = invoke("compare", "--parent", parents[0].info.run_id).stdout
+    assert "equivalent (±99)" in table and "O'Brien–Fleming" in table and "looked at 3, 6 seeds" in table
+
+
+def test_until_decided_refuses_a_first_round_under_3_seeds():
+    result = invoke("study", "--seeds", "1,2", "--until-decided", *TINY)
+    assert result.exit_code == 2 and "at least 3 --seeds" in result.output and "Traceback" not in result.output

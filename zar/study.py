@@ -16,8 +16,10 @@ from dataclasses import asdict, dataclass, replace
 
 from . import ablation, parallel, tracking, training
 from .ablation import Child
+from .analysis.comparison import comparison
 from .analysis.study_table import log_report, log_table
 from .analysis.table import DEFAULT_BASELINE, TableRow
+from .analysis.verdicts import MIN_SEEDS, planned_looks
 from .checks import check_study
 from .config import ROLE, RUNTIME, TrainConfig, from_dict
 from .errors import Interrupted, TrainingFailed, UserError, describe
@@ -46,10 +48,13 @@ class StudySpec:
     baseline: str | None
     data: list[str]  # the data fingerprint of each distinct data the children train on
     code: dict[str, str]  # zar's version and the git commit (provenance.RESUME_KEYS)
+    until_decided: list | None = None  # [--max-seeds, --margin] of a study in rounds; None: every seed at once
 
     @property
     def key(self) -> str:
         settings = {**asdict(self), "cfg": {k: v for k, v in self.cfg.to_dict().items() if ROLE[k] != RUNTIME}}
+        if self.until_decided is None:  # the key of every study started before rounds existed
+            del settings["until_decided"]
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def to_json(self) -> str:
@@ -79,6 +84,7 @@ def run_study(
     jobs: int = 1,
     vary: dict[str, list] | None = None,
     resume_run_id: str | None = None,
+    until_decided: tuple[int, float] | None = None,
 ) -> StudyResult:
     """Train every model with every seed (and every combination of ``vary``'s values) as children
     of one parent run, then report the table, grouped by the varied keys.
@@ -87,12 +93,15 @@ def run_study(
     ``jobs > 1`` trains up to that many children at once, each in a process of its own. An
     unfinished study with the same settings, data and code is continued, not started again;
     ``resume_run_id`` names the study to continue (refused when its data or code changed).
+    ``until_decided`` = (max seeds, margin): ``seeds`` is the first round; each round adds as many
+    seeds to the comparisons still undecided, until each is decided or max seeds are spent.
     """
     vary = vary or {}
     check_study(models, baseline or default_baseline(models), seeds)
+    planned = planned_seeds(seeds, until_decided, vary)
     cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
     # Every child's config, built and resolved now: a bad value or device fails before any run.
-    kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, seeds, cfg, vary)]
+    kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, planned, cfg, vary)]
     _check_distinct(kids)
     data = {}  # once per distinct data: a bad folder fails now, and images are decoded once
     for kid in kids:
@@ -100,7 +109,7 @@ def run_study(
             data[data_key(kid.cfg)] = load_data(kid.cfg)
     code = {k: v for k, v in provenance.code_tags().items() if k in provenance.RESUME_KEYS}
     fingerprints = sorted({d.data_fingerprint for d in data.values()})
-    spec = StudySpec(models, seeds, cfg, vary, baseline, fingerprints, code)
+    spec = StudySpec(models, seeds, cfg, vary, baseline, fingerprints, code, list(until_decided or ()) or None)
     tracking.check_reachable()
     run_name = f"study-{len(models)}x{len(seeds)}" + (f"-vary-{'-'.join(vary)}" if vary else "")
     parent, continued = _parent(spec, experiment, run_name, resume_run_id)
@@ -116,13 +125,14 @@ def run_study(
             params.update(models=",".join(models), seeds=",".join(map(str, seeds)), jobs=jobs)
             if vary:
                 params["vary"] = ablation.describe(vary)
+            if until_decided:  # what zar.analysis reads to judge the table by its sequential design
+                params.update(round_seeds=len(seeds), max_seeds=until_decided[0], margin=until_decided[1])
             tracking.log_params(run_id, params)
+        train = lambda todo: _train(todo, run_id, experiment, jobs, progress, echo, data)  # noqa: E731
+        if until_decided:
+            failures = _rounds(kids, spec, run_id, experiment, continued, train, echo)
         else:
-            kids = _continue(kids, run_id, echo)
-        if jobs > 1:
-            failures = parallel.train_children(kids, run_id, experiment, jobs, echo)
-        else:
-            failures = _train_in_process(kids, experiment, progress, echo, data, "its study resumes it")
+            failures = train(_continue(kids, run_id, echo) if continued else kids)
         table = log_table(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
             try:
@@ -135,6 +145,53 @@ def run_study(
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
 
 
+def planned_seeds(seeds: list[int], until_decided: tuple[int, float] | None, vary: dict) -> list[int]:
+    """Every seed a study may train: ``seeds``, or with --until-decided the next ones up to --max-seeds."""
+    if not until_decided:
+        return seeds
+    max_seeds = until_decided[0]
+    if vary:
+        raise UserError("--until-decided judges architectures against a baseline; it takes no --vary")
+    if len(seeds) < MIN_SEEDS or max_seeds < len(seeds):
+        raise UserError(
+            f"--until-decided needs a first round of at least {MIN_SEEDS} --seeds and --max-seeds at least as "
+            f"many; got {len(seeds)} seeds, --max-seeds {max_seeds}"
+        )
+    return [*seeds, *range(max(seeds) + 1, max(seeds) + 1 + max_seeds - len(seeds))]
+
+
+def _rounds(kids: list[Child], spec: StudySpec, run_id: str, experiment: str, continued: bool, train, echo) -> list:
+    """Train in rounds: after each, the comparisons decided at that look (O'Brien–Fleming boundaries,
+    zar.analysis.judging) stop; the baseline and the undecided ones get the next round's seeds."""
+    max_seeds, margin = spec.until_decided
+    order = planned_seeds(spec.seeds, (max_seeds, margin), {})
+    baseline = spec.baseline or default_baseline(spec.models)
+    active, trained = set(spec.models), set()
+    for look in planned_looks(len(spec.seeds), max_seeds):
+        seeds = {str(s) for s in order[:look]}
+        todo = [k for k in kids if k.model in active and str(k.cfg.seed) in seeds and k.key not in trained]
+        todo = _continue(todo, run_id, echo) if continued else todo
+        failures = train(todo)
+        if failures:
+            return failures
+        trained |= {k.key for k in todo}
+        table = comparison(experiment, run_id, baseline=baseline, margin=margin).table
+        decided = {r.model: r.verdict for r in table if r.verdict and not r.verdict.startswith("undecided")}
+        active -= set(decided)
+        undecided = sorted(active - {baseline})
+        said = "; ".join(f"{m}: {v}" for m, v in decided.items() if m in {k.model for k in todo})
+        echo(f"After {look} seeds a side: {said or 'none decided'}; undecided: {', '.join(undecided) or 'none'}")
+        if not undecided:
+            break
+    return []
+
+
+def _train(kids, run_id, experiment, jobs, progress, echo, data) -> list[str]:
+    if jobs > 1:
+        return parallel.train_children(kids, run_id, experiment, jobs, echo)
+    return _train_in_process(kids, experiment, progress, echo, data, "its study resumes it")
+
+
 def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=training.print_line) -> StudyResult:
     """Continue the study run ``run_id`` with the settings it was started with."""
     tracking.check_reachable()
@@ -145,8 +202,9 @@ def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=trainin
         raise UserError(f"study run {run_id} is already FINISHED; there is nothing to continue")
     spec = StudySpec.from_json(run.data.tags[tracking.TAG_STUDY_SPEC])
     experiment = tracking.experiment_name(run.info.experiment_id)
+    until = tuple(spec.until_decided) if spec.until_decided else None
     return run_study(
-        spec.models, spec.seeds, spec.cfg, experiment, spec.baseline, progress, echo, jobs, spec.vary, run_id
+        spec.models, spec.seeds, spec.cfg, experiment, spec.baseline, progress, echo, jobs, spec.vary, run_id, until
     )
 
 

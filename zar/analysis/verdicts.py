@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
-from statsmodels.stats.power import TTestIndPower
 
 STATS = ("bootstrap", "welch")
 ALPHA = 0.05  # better / worse: the 95% interval (Holm-adjusted p) excludes 0
@@ -178,6 +177,8 @@ def seeds_needed(iv: Interval, margin: float) -> int | None:
     se = iv.se_at(k)
     difference = np.zeros_like(k)
     if iv.delta != 0:  # statsmodels' effect size: its noncentrality is effect * sqrt(k / 2)
+        from statsmodels.stats.power import TTestIndPower  # a second to import: only for an undecided row
+
         effect = abs(iv.delta) / se / np.sqrt(k / 2)
         difference = TTestIndPower().power(effect_size=effect, nobs1=k, alpha=ALPHA, ratio=1.0)
     equivalence = _equivalence_power(iv.delta, margin, se, 2 * k - 2)

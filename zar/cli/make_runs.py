@@ -96,11 +96,46 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
     metavar="RUN_ID",
     help="Continue this interrupted study run with its own settings (the same command again does too).",
 )
+@click.option(
+    "--until-decided",
+    is_flag=True,
+    help="Train in rounds of --seeds: after each, the comparisons decided (better, worse, equivalent within "
+    "--margin; O'Brien–Fleming boundaries over the rounds) stop, the others get as many new seeds.",
+)
+@click.option(
+    "--max-seeds",
+    type=click.IntRange(min=3),
+    default=10,
+    show_default=True,
+    help="With --until-decided: seeds per architecture at most.",
+)
+@click.option(
+    "--margin",
+    type=click.FloatRange(0, 100, min_open=True, max_open=True),
+    default=1.0,
+    show_default=True,
+    metavar="PP",
+    help="With --until-decided: the equivalence margin δ in points of val accuracy.",
+)
 @config_options
 @experiment_option
 @no_progress_option
 @click.pass_context
-def study(ctx, models, seeds, baseline, vary_specs, jobs, resume_run, cfg_loader, experiment, no_progress):
+def study(
+    ctx,
+    models,
+    seeds,
+    baseline,
+    vary_specs,
+    jobs,
+    resume_run,
+    until_decided,
+    max_seeds,
+    margin,
+    cfg_loader,
+    experiment,
+    no_progress,
+):
     """Run the whole study and print its table.
 
     Every architecture and seed (and, with --vary, every combination of the varied values) trains
@@ -108,7 +143,8 @@ def study(ctx, models, seeds, baseline, vary_specs, jobs, resume_run, cfg_loader
     the same command runs again: finished runs are kept, the others resumed from their checkpoints.
     """
     if resume_run:
-        given = [name for name in ("models", "seeds", "baseline", "vary_specs") if _given(ctx, name)]
+        names = ("models", "seeds", "baseline", "vary_specs", "until_decided", "max_seeds", "margin")
+        given = [name for name in names if _given(ctx, name)]
         ignored = [*given, *cfg_loader.given]
         if ignored:
             raise click.UsageError(
@@ -130,11 +166,20 @@ def study(ctx, models, seeds, baseline, vary_specs, jobs, resume_run, cfg_loader
     if both:
         raise click.UsageError(f"--{both[0].replace('_', '-')} and --vary {both[0]} both set {both[0]}; drop one")
     _check_study(models, seeds, baseline, cfg, vary)
+    until = (max_seeds, margin) if until_decided else None
+    if not until_decided and (_given(ctx, "max_seeds") or _given(ctx, "margin")):
+        raise click.UsageError("--max-seeds and --margin go with --until-decided")
+    if until_decided and (len(seeds) < 3 or max_seeds < len(seeds) or vary):  # as run_study refuses, before torch
+        raise click.UsageError(
+            "--until-decided needs a first round of at least 3 --seeds, --max-seeds at least as many, and no --vary"
+        )
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
     from .. import tracking
     from ..study import run_study
 
-    result = run_study(models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary)
+    result = run_study(
+        models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary, until_decided=until
+    )
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
 
