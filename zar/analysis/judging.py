@@ -130,7 +130,7 @@ def judging_notes(table, judging: Judging) -> list[str]:
         f"Verdict: {decided}; equivalent (±{margin}): the {EQUIVALENCE_LEVEL:.0%} interval lies inside ±{margin} "
         f"points (two one-sided tests at 5%; --margin sets δ, default {DEFAULT_MARGIN:g}); otherwise undecided, "
         f"with ~N: the seeds per side that would decide it with {POWER:.0%} power were the observed difference "
-        "and spread the true ones (statsmodels' t-test power, or the two one-sided tests'; the validation set's "
+        "and spread the true ones (a t-test's power, or the two one-sided tests'; the validation set's "
         "share of the variance does not shrink with seeds)."
     ]
     paired = [r.name for r in judged if r.method == "bootstrap"]

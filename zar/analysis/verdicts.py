@@ -168,7 +168,7 @@ def classify(iv: Interval, margin: float, p_adjusted: float | None, boundary: fl
 
 def seeds_needed(iv: Interval, margin: float) -> int | None:
     """Seeds per side at which, were the true difference and spread what this comparison observed,
-    it would be decided with probability POWER: a t-test's power (statsmodels) for better / worse,
+    it would be decided with probability POWER: a t-test's power (scipy's noncentral t) for better / worse,
     two one-sided tests' for equivalence; whichever needs fewer. The validation set's share of the
     variance does not shrink with seeds: None when it alone keeps the comparison undecided."""
     if iv.se == 0:
@@ -176,11 +176,10 @@ def seeds_needed(iv: Interval, margin: float) -> int | None:
     k = np.arange(MIN_SEEDS, MAX_SEEDS_ESTIMATE + 1, dtype=np.float64)
     se = iv.se_at(k)
     difference = np.zeros_like(k)
-    if iv.delta != 0:  # statsmodels' effect size: its noncentrality is effect * sqrt(k / 2)
-        from statsmodels.stats.power import TTestIndPower  # a second to import: only for an undecided row
-
-        effect = abs(iv.delta) / se / np.sqrt(k / 2)
-        difference = TTestIndPower().power(effect_size=effect, nobs1=k, alpha=ALPHA, ratio=1.0)
+    if iv.delta != 0:  # a two-sided t-test's power: the noncentral t beyond the critical values
+        df, noncentrality = 2 * k - 2, abs(iv.delta) / se
+        critical = stats.t.isf(ALPHA / 2, df)
+        difference = stats.nct.sf(critical, df, noncentrality) + stats.nct.cdf(-critical, df, noncentrality)
     equivalence = _equivalence_power(iv.delta, margin, se, 2 * k - 2)
     decided = np.flatnonzero((difference >= POWER) | (equivalence >= POWER))
     if decided.size:
