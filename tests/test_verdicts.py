@@ -109,7 +109,8 @@ def test_obrien_fleming_boundaries_fall_to_about_two_at_the_last_look():
 
 
 def test_the_seed_estimate_is_a_t_tests_power_from_the_observed_spread():
-    """Welch over seeds, 2 a side: d = 3 / sqrt((32 + 8) / 2) needs 36 per side at 80% power (G*Power too)."""
+    """Welch over seeds, 2 a side: d = 3 / sqrt((32 + 8) / 2) needs 36 per side at 80% power
+    (statsmodels' TTestIndPower says 35.87)."""
     iv = welch_interval([81, 89], [80, 84])
     verdict = decide(iv, MARGIN, None)
     assert verdict.text == "undecided (~36 seeds)" and verdict.seeds_needed == 36
