@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 
 from .. import plots, tracking
-from .comparison import comparison
-from .fetch import describe_usage, fetch_runs
+from .comparison import comparison, judging_for
+from .fetch import describe_parent, describe_usage, fetch_runs
 from .grouping import check_comparable, run_label
 from .render import render
 from .report import write_report
@@ -30,7 +30,8 @@ def log_table(
     if baseline is not None and baseline not in finished:
         base = next((m for m in models if m in finished), min(finished))
         echo(f"No {baseline} run finished: the table compares to {base} instead.")
-    table = build_table(fetched.rows, base, group_by=group_by)
+    # Judged as 'zar compare --parent' judges it: the study's margin, and its sequential design if it has one.
+    table = build_table(fetched.rows, base, group_by=group_by, judging=judging_for(describe_parent(run_id)))
     warnings = check_comparable(fetched.rows, strict=False, group_by=group_by)
     markdown = render(table, "markdown")
     with tempfile.TemporaryDirectory() as tmp:
