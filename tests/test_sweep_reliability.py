@@ -17,10 +17,10 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from PIL import Image
+from test_sweep import sweep_parent, write_space
 
 import zar.sweep as sweep_module
 
@@ -28,17 +28,6 @@ from helpers import TINY, children, default_sigint, epochs, invoke, runs_of
 
 TWO_EPOCHS = epochs(2)
 LR = {"lr": {"log_uniform": [1.0e-4, 1.0e-2]}}
-
-
-def write_space(folder: Path, space: dict) -> str:
-    path = folder / "space.yaml"
-    path.write_text(yaml.safe_dump(space))
-    return str(path)
-
-
-def sweep_parent(experiment="zar"):
-    (parent,) = runs_of(experiment, "tags.`zar.sweep` = '1'")
-    return parent
 
 
 def trial_runs(parent_id: str, experiment="zar"):
