@@ -50,6 +50,7 @@ def assert_complete(parent_id: str, models: list[str], seeds: list[int], n_epoch
         assert steps == list(range(1, n_epochs + 1)), steps
 
 
+@pytest.mark.slow  # ~15-20 s: keeps the fast suite near 5 minutes
 def test_the_same_command_again_resumes_the_failed_child_and_keeps_the_finished_one(store, monkeypatch):
     """plain's results could not be saved (its epochs trained, its checkpoint kept): the study failed.
     The same command resumes plain from its checkpoint, trains nothing twice, keeps resnet's run."""

@@ -312,6 +312,7 @@ def test_a_worker_killed_mid_trial_has_its_run_failed_and_its_trial_rerun_by_the
 # --- suspected: what makes a sweep the same sweep -------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~15-20 s: keeps the fast suite near 5 minutes
 def test_adding_seeds_later_continues_the_same_search(store, tmp_path):
     """Suspected: --seeds was part of the sweep's key, so adding it later started a whole new search."""
     args = sweep_args(write_space(tmp_path, LR), 1, *TINY)
@@ -333,6 +334,7 @@ def image_folder(root: Path, shade: int = 0) -> Path:
     return root
 
 
+@pytest.mark.slow  # ~15-20 s: keeps the fast suite near 5 minutes
 def test_a_sweep_over_changed_data_is_a_new_search_not_mixed_with_the_old_trials(store, tmp_path):
     """Suspected: the sweep's key had no data fingerprint, so continuing after the data folder changed
     mixed trials on different data."""

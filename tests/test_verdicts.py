@@ -159,6 +159,7 @@ def test_a_bad_margin_is_one_line(store):
     assert "--margin" in result.output.splitlines()[-1]
 
 
+@pytest.mark.slow  # ~15-20 s: keeps the fast suite near 5 minutes
 def test_until_decided_stops_the_decided_comparisons_after_a_round(store):
     """A margin of 99 points makes plain equivalent to resnet after the first round: no second round
     trains, and the table is judged by the sequential design (its note says so)."""
