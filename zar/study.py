@@ -103,10 +103,7 @@ def run_study(
     # Every child's config, built and resolved now: a bad value or device fails before any run.
     kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, planned, cfg, vary)]
     _check_distinct(kids)
-    data = {}  # once per distinct data: a bad folder fails now, and images are decoded once
-    for kid in kids:
-        if data_key(kid.cfg) not in data:
-            data[data_key(kid.cfg)] = load_data(kid.cfg)
+    data = _load_once(kids)
     code = {k: v for k, v in provenance.code_tags().items() if k in provenance.RESUME_KEYS}
     fingerprints = sorted({d.data_fingerprint for d in data.values()})
     spec = StudySpec(models, seeds, cfg, vary, baseline, fingerprints, code, list(until_decided or ()) or None)
@@ -120,14 +117,7 @@ def run_study(
         continue_hint=CONTINUE_HINT.format(run_id=run_id),
     ):
         if not continued:
-            # A varied key has no one value, and the seed is the children's: the parent records `seeds`.
-            params = {k: v for k, v in cfg.to_dict().items() if k not in vary and k != "seed"}
-            params.update(models=",".join(models), seeds=",".join(map(str, seeds)), jobs=jobs)
-            if vary:
-                params["vary"] = ablation.describe(vary)
-            if until_decided:  # what zar.analysis reads to judge the table by its sequential design
-                params.update(round_seeds=len(seeds), max_seeds=until_decided[0], margin=until_decided[1])
-            tracking.log_params(run_id, params)
+            tracking.log_params(run_id, _parent_params(spec, jobs))
         train = lambda todo: _train(todo, run_id, experiment, jobs, progress, echo, data)  # noqa: E731
         if until_decided:
             failures = _rounds(kids, spec, run_id, experiment, continued, train, echo)
@@ -143,6 +133,28 @@ def run_study(
             echo(f"{len(failures)} runs failed: {CONTINUE_HINT.format(run_id=run_id)} once their cause is fixed.")
             raise TrainingFailed(f"{len(failures)} of {len(kids)} runs failed: " + "; ".join(failures))
     return StudyResult(run_id, parent.info.experiment_id, table, failures)
+
+
+def _load_once(kids: list[Child]) -> dict[tuple, DataBundle]:
+    """Each distinct data the children train on, loaded once: a bad folder fails now, and images are decoded once."""
+    data: dict[tuple, DataBundle] = {}
+    for kid in kids:
+        if data_key(kid.cfg) not in data:
+            data[data_key(kid.cfg)] = load_data(kid.cfg)
+    return data
+
+
+def _parent_params(spec: StudySpec, jobs: int) -> dict:
+    """What the parent records: the config less what it did not use itself (a varied key has no one
+    value; the seed is the children's, so it records ``seeds``), and the study's own settings."""
+    params = {k: v for k, v in spec.cfg.to_dict().items() if k not in spec.vary and k != "seed"}
+    params.update(models=",".join(spec.models), seeds=",".join(map(str, spec.seeds)), jobs=jobs)
+    if spec.vary:
+        params["vary"] = ablation.describe(spec.vary)
+    if spec.until_decided:  # what zar.analysis reads to judge the table by its sequential design
+        max_seeds, margin = spec.until_decided
+        params.update(round_seeds=len(spec.seeds), max_seeds=max_seeds, margin=margin)
+    return params
 
 
 def planned_seeds(seeds: list[int], until_decided: tuple[int, float] | None, vary: dict) -> list[int]:
