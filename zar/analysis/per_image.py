@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import tracking
+from ..learn import imagecache
 from ..predictions import ARTIFACT, Predictions, load_predictions
 from .fetch import RunRow
 
@@ -19,7 +20,8 @@ THREADS = 8  # downloads from a tracking server wait on the network, not the CPU
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("ZAR_CACHE_DIR") or Path.home() / ".cache" / "zar") / "predictions"
+    """Beside the image cache, under the one cache root zar has ($ZAR_CACHE_DIR, else ~/.cache/zar)."""
+    return imagecache.cache_dir().parent / "predictions"
 
 
 def fetch_predictions(rows: list[RunRow]) -> dict[str, Predictions]:
