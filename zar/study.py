@@ -229,7 +229,8 @@ def _parent(spec: StudySpec, experiment: str, run_name: str, resume_run_id: str 
         if changed:
             raise UserError(f"study run {resume_run_id} cannot continue: {changed}; start a new study instead")
         if run.info.status == tracking.RUNNING and runs.process_alive(run.data.tags) is not False:
-            raise UserError(f"study run {resume_run_id} is still running ({_holder(run)}); wait for it or stop it")
+            held_by = runs.holder(run.data.tags)
+            raise UserError(f"study run {resume_run_id} is still running ({held_by}); wait for it or stop it")
         return runs.reopen(resume_run_id), True
     tags = {tracking.TAG_STUDY: "1", tracking.TAG_STUDY_SPEC: spec.to_json()}
     found = runs.find_or_start_parent(
@@ -242,11 +243,6 @@ def _parent(spec: StudySpec, experiment: str, run_name: str, resume_run_id: str 
     return found.run, found.was is not None
 
 
-def _holder(run) -> str:
-    tags = run.data.tags
-    return f"process {tags.get(tracking.TAG_PID, '?')} on {tags.get(tracking.TAG_HOST, '?')}"
-
-
 def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
     """The children still to train: each FINISHED one is kept and not trained again; an interrupted one
     with a checkpoint here is resumed; every other run of a child (none, or no checkpoint) is
@@ -256,7 +252,7 @@ def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
     for run in tracking.children(parent_run_id):
         if run.info.status == tracking.RUNNING:  # a child that outlived its study (it was killed outright)
             raise UserError(
-                f"run {run.info.run_id} of study {parent_run_id} is still training ({_holder(run)}); "
+                f"run {run.info.run_id} of study {parent_run_id} is still training ({runs.holder(run.data.tags)}); "
                 "wait for it to end, then run this again"
             )
         by_key.setdefault(_run_key(run, kids), []).append(run)

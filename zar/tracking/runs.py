@@ -118,8 +118,7 @@ def find_or_start_parent(
     run = found[0]
     held_by = run.data.tags
     if run.info.status == RUNNING and process_alive(held_by) is not False:
-        holder = f"process {held_by.get(client.TAG_PID, '?')} on {held_by.get(client.TAG_HOST, '?')}"
-        return ParentRun(run, holder, None)
+        return ParentRun(run, holder(held_by), None)
     return ParentRun(reopen(run.info.run_id), None, run.info.status)
 
 
@@ -234,6 +233,11 @@ def process_tags() -> dict[str, str]:
         client.TAG_HOST: socket.gethostname(),
         client.TAG_PROC_START: f"{proc.create_time():.2f}",
     }
+
+
+def holder(tags: dict[str, str]) -> str:
+    """The process a run's tags say holds it, as messages name it: 'process 12 on host'."""
+    return f"process {tags.get(client.TAG_PID, '?')} on {tags.get(client.TAG_HOST, '?')}"
 
 
 def process_alive(tags: dict[str, str]) -> bool | None:
