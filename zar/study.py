@@ -206,7 +206,7 @@ def _train(kids, run_id, experiment, jobs, progress, echo, data) -> list[str]:
 
 def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=training.print_line) -> StudyResult:
     """Continue the study run ``run_id`` with the settings it was started with."""
-    tracking.check_reachable()
+    tracking.check_reachable(create=False)  # a folder with no store has no study to continue: make none
     run = tracking.get_run(run_id)
     if tracking.TAG_STUDY_SPEC not in run.data.tags:
         raise UserError(f"run {run_id} is not a zar study that can continue (no tag {tracking.TAG_STUDY_SPEC})")
