@@ -88,12 +88,13 @@ def study_parent(experiment="zar"):
 
 @pytest.fixture(scope="session")
 def study(tmp_path_factory, empty_store) -> Study:
-    """``zar study`` over plain and resnet with two seeds, and one resnet run with another lr beside it."""
+    """``zar study`` over plain and resnet with two seeds (its best model registered as ``tiny-study``), and
+    one resnet run with another lr beside it."""
     folder, uri = new_store(tmp_path_factory, empty_store, "study")
     with pytest.MonkeyPatch.context() as mp:
         use_store(mp, folder, uri)
         try:
-            result = invoke("study", "--models", "plain,resnet", "--seeds", "1,2", *TINY)
+            result = invoke("study", "--models", "plain,resnet", "--seeds", "1,2", *TINY, "--register", "tiny-study")
             assert result.exit_code == 0, result.output
             parent_id = study_parent().info.run_id
             other = invoke("train", "--model", "resnet", *TINY, "--lr", "0.01")

@@ -21,6 +21,8 @@ import pgcluster
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from test_registry import load_without_zar
+from test_served_model import raw_validation_images
 from test_train import assert_complete_run
 
 from helpers import ROOT, TINY, epochs
@@ -112,8 +114,10 @@ def test_an_interrupted_run_resumes_against_the_server(server, work):
 
 
 def test_study_compare_and_bench_against_the_server(server, work):
-    study = zar("study", "--models", "plain,resnet", "--seeds", "1", *TINY, "--experiment", work)
+    study = zar("study", "--models", "plain,resnet", "--seeds", "1", *TINY, "--experiment", work, "--register", work)
     assert study.returncode == 0, study.stderr
+    assert f"Registered models:/{work}/1: " in study.stdout
+    assert f"{server.address}/#/models/{work}/versions/1" in study.stdout
     bench = zar(
         "bench", "--models", "resnet", "--depth", "18", "--image-size", "16", "--min-time", "0.05", "--rounds", "1",
         "--experiment", work,
@@ -125,6 +129,10 @@ def test_study_compare_and_bench_against_the_server(server, work):
     assert len(rows) == 2 and "n/a" not in rows[1], table.stdout  # ResNet-18 joined with its bench run
     statuses = Counter(r.info.status for r in runs(work))
     assert statuses == {"FINISHED": 4}  # the study, its two children, the bench run
+    # The registered model loads from the server's registry in a Python without zar.
+    images, _, classes = raw_validation_images(16)
+    got = load_without_zar([f"models:/{work}/1"], images[:4], Path.cwd())[f"models:/{work}/1"]
+    assert got["metadata"]["classes"] == classes and set(got["pyfunc"]) <= set(classes)
 
 
 def test_zar_ui_points_at_the_server_and_starts_nothing(server, work):

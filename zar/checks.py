@@ -46,3 +46,11 @@ def check_study(models: list[str], baseline: str, seeds: list[int] = ()) -> None
             raise UserError(f"{kind} names {clip(', '.join(repeated))} more than once; each must appear once")
     if baseline not in models:
         raise UserError(f"baseline {clip(repr(baseline))} is not among --models {clip(','.join(models))}")
+
+
+def check_model_name(name: str) -> None:
+    """What MLflow's Model Registry refuses in a name (mlflow.utils.validation), said before anything trains."""
+    if not name.strip() or any(c in name for c in "/:") or not name.strip("."):
+        raise UserError(
+            f"--register {clip(repr(name))} is no registered model name: it must be non-empty, without '/' or ':'"
+        )

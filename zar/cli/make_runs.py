@@ -12,7 +12,15 @@ from ..ablation import parse_vary, plan
 from ..checks import check_data_path, check_study, known_model
 from ..tracking.store import probe_server
 from ..variants import VARIANTS
-from .options import comma_list, config_option, config_options, experiment_option, models_option, no_progress_option
+from .options import (
+    comma_list,
+    config_option,
+    config_options,
+    experiment_option,
+    models_option,
+    no_progress_option,
+    register_option,
+)
 from .output import ui_hint
 
 DEFAULT_BASELINE = "resnet"  # zar.analysis.table's, which loads MLflow
@@ -34,8 +42,9 @@ DEFAULT_BASELINE = "resnet"  # zar.analysis.table's, which loads MLflow
     hidden=True,
     help="Train as a child of this study run (how 'zar study --jobs' starts its children).",
 )
+@register_option("the run's last-epoch model")
 @no_progress_option
-def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progress):
+def train(model_name, cfg_loader, experiment, resume_run, parent_run, register, no_progress):
     """Train one architecture and record the run in MLflow."""
     if resume_run:
         ignored = cfg_loader.given + (["model"] if model_name else [])
@@ -61,6 +70,17 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
         close()  # under torchrun: leave the process group
     if result is not None:  # None: a torchrun rank other than 0, which records nothing
         click.echo(f"Run: {tracking.runs_url(result.experiment_id, result.run_id)}{ui_hint()}")
+        if register:
+            from ..registry import register_run
+
+            _said(register_run(register, result.run_id))
+
+
+def _said(registered) -> None:
+    from .. import tracking
+
+    click.echo(f"Registered {registered.uri}: {registered.said}")
+    click.echo(f"Model:     {tracking.model_version_url(registered.name, registered.version)}{ui_hint()}")
 
 
 @click.command()
@@ -117,12 +137,14 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, no_progres
     metavar="PP",
     help="With --until-decided: the equivalence margin δ in points of val accuracy.",
 )
+@register_option("the model of the table's best row (its best seed's last-epoch model)")
 @config_options
 @experiment_option
 @no_progress_option
 @click.pass_context
 def study(
     ctx,
+    register,
     models,
     seeds,
     baseline,
@@ -152,12 +174,10 @@ def study(
                 + ", ".join("--" + k.replace("_specs", "").replace("_", "-") for k in ignored)
             )
         probe_server()
-        from .. import tracking
         from ..study import resume_study
 
         result = resume_study(resume_run, progress=not no_progress, jobs=jobs)
-        click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
-        click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
+        _study_done(result, register)
         return
     cfg = cfg_loader()
     seeds = seeds or [cfg.seed]
@@ -174,14 +194,23 @@ def study(
             "--until-decided needs a first round of at least 3 --seeds, --max-seeds at least as many, and no --vary"
         )
     probe_server()  # before torch and MLflow load: a dead server is reported in a second
-    from .. import tracking
     from ..study import run_study
 
     result = run_study(
         models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary, until_decided=until
     )
+    _study_done(result, register)
+
+
+def _study_done(result, register: str | None) -> None:
+    from .. import tracking
+
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
+    if register:
+        from ..registry import register_best
+
+        _said(register_best(register, result.table, result.run_id))
 
 
 def _given(ctx, name: str) -> bool:

@@ -11,6 +11,7 @@ from dataclasses import fields
 
 import click
 
+from ..checks import check_model_name
 from ..config import TrainConfig, load_config
 from ..errors import quote
 from ..tracking.store import DEFAULT_EXPERIMENT
@@ -84,6 +85,22 @@ filter_option = click.option(
     "--filter", "filter_string", metavar="FILTER", help="MLflow search filter, e.g. \"params.epochs = '10'\"."
 )
 no_progress_option = click.option("--no-progress", is_flag=True, help="No progress bar, only one line per epoch.")
+
+
+def _model_name(ctx, param, value):
+    if value is not None:
+        check_model_name(value)
+    return value
+
+
+def register_option(what: str):
+    """``--register NAME``: put the model of ``what`` in MLflow's Model Registry (zar.registry)."""
+    return click.option(
+        "--register",
+        metavar="NAME",
+        callback=_model_name,
+        help=f"Register {what} in MLflow's Model Registry as a new version of NAME (models:/NAME/<version>).",
+    )
 
 
 def comma_list(kind):

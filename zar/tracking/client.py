@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Iterator
 from functools import wraps
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 from urllib.request import url2pathname
 
 import mlflow
@@ -297,6 +298,30 @@ def runs_url(experiment_id: str, run_id: str | None = None, base: str | None = N
         return f"{base}/#/experiments/{experiment_id}/runs/{run_id}{view}"
     # Any other table setting in the link (a filter, a sort) would make the UI ignore the saved view.
     return f"{base}/#/experiments/{experiment_id}/runs{view}&viewStateShareKey={STUDY_VIEW_KEY}"
+
+
+def model_version_url(name: str, version: str) -> str:
+    """A registered model version's page in the MLflow UI."""
+    return f"{ui_address()}/#/models/{quote(name, safe='')}/versions/{version}"
+
+
+def register_model(run_id: str, artifact: str, name: str, tags: dict[str, str], description: str) -> str:
+    """The run's logged model ``artifact`` as a new version of registered model ``name`` (made if new); its version.
+
+    ``mlflow.register_model`` also records the version on the logged model, so the model's page
+    in the UI links to it. MLflow's own lines about it go unprinted: zar says what it registered.
+    """
+    run = get_run(run_id)
+    found = mlflow_client().search_logged_models(
+        [run.info.experiment_id], filter_string=f"source_run_id = '{run_id}' AND name = '{artifact}'"
+    )
+    if not found:
+        raise UserError(f"run {run_id} has no logged model {artifact!r} to register (it did not finish training)")
+    model = max(found, key=lambda m: m.creation_timestamp)
+    with contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(f"models:/{model.model_id}", name, tags=tags)
+    mlflow_client().update_model_version(name, version.version, description=description)
+    return str(version.version)
 
 
 # The runs table hides every metric and param column until a user adds them. MLflow's UI opens a
