@@ -30,3 +30,19 @@ def test_the_parents_accuracies_are_fractions_like_its_childrens(in_study):
     assert metrics["val_acc_vs_baseline.plain"] == pytest.approx(diff)
     accuracies = {k: v for k, v in metrics.items() if k.split(".")[0].endswith(("acc_mean", "acc_std"))}
     assert accuracies and all(0 <= v <= 1 for v in accuracies.values()), accuracies
+
+
+def test_the_parent_records_each_verdict_and_its_interval_as_the_table_prints_them(in_study):
+    import json
+
+    from helpers import invoke
+
+    run = MlflowClient().get_run(in_study.parent_id)
+    (plain,) = [r for r in json.loads(invoke("compare", "--parent", in_study.parent_id, "--format", "json").stdout)
+                if r["model"] == "plain"]  # fmt: skip
+    assert run.data.tags["zar.verdict.plain"] == plain["verdict"] and plain["verdict"]
+    assert run.data.tags["zar.verdict_method.plain"] == plain["method"]
+    assert "zar.verdict.resnet" not in run.data.tags  # the baseline is not judged against itself
+    metrics = run.data.metrics
+    assert metrics["val_acc_vs_baseline_ci_low.plain"] == pytest.approx(plain["ci_low"] / 100)  # a fraction
+    assert metrics["val_acc_vs_baseline_ci_high.plain"] == pytest.approx(plain["ci_high"] / 100)

@@ -28,6 +28,7 @@ SECTIONS = [
     "Validation accuracy per epoch",
     "Loss per epoch",
     "Confusion matrices",
+    "Where they disagree with the baseline",
     "Cost per architecture",
     "What was compared",
     "Runs",
@@ -40,6 +41,7 @@ class Page(HTMLParser):
     def __init__(self, text: str):
         super().__init__()
         self.h2, self.images, self.links, self.tables = [], [], [], []
+        self.figures = []  # the gallery's: (data-id, data-seeds, its image's src or None)
         self.external = []  # anything the page would load from elsewhere
         self._tag, self._row, self._cell = None, None, None
         self.feed(text)
@@ -47,7 +49,11 @@ class Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         self._tag = tag
-        if tag == "img":
+        if tag == "figure":
+            self.figures.append([attrs["data-id"], int(attrs["data-seeds"]), None])
+        if tag == "img" and attrs.get("alt", "").startswith("validation image"):
+            self.figures[-1][2] = attrs["src"]
+        elif tag == "img":
             self.images.append(attrs["src"])
         if tag in ("script", "link", "iframe") or (tag == "img" and not attrs["src"].startswith("data:")):
             self.external.append((tag, attrs))
@@ -251,3 +257,41 @@ def test_confusion_numbers_are_readable_at_1200_px(figures, tmp_path, classes, r
     assert len(numbers) == (rows * classes * classes if classes <= 20 else 0)
     smallest_px = min(t.get_fontsize() for t in numbers) * plots.DPI / 72 * shown
     assert smallest_px >= 11, f"confusion-matrix numbers are {smallest_px:.1f} px tall on the page"
+
+
+def test_the_gallery_shows_each_image_the_two_rows_disagree_on_counted_over_paired_seeds(in_study, tmp_path):
+    """Counted again here from each run's val_predictions.npz, seed by seed, and held against the page."""
+    from zar.predictions import ARTIFACT, load_predictions
+
+    client = MlflowClient()
+    kids = client.search_runs(
+        [client.get_run(in_study.parent_id).info.experiment_id], f"tags.mlflow.parentRunId = '{in_study.parent_id}'"
+    )
+    by = {(k.data.tags["zar.model"], k.data.params["seed"]): k.info.run_id for k in kids}
+
+    def correct(model, seed):
+        path = client.download_artifacts(by[model, seed], ARTIFACT, str(tmp_path))
+        p = load_predictions(Path(path).read_bytes())
+        return dict(zip(p.ids.tolist(), (p.pred["last"] == p.y_true).tolist()))
+
+    expected = {"baseline_only": {}, "row_only": {}}
+    for seed in ("1", "2"):
+        base, row = correct("resnet", seed), correct("plain", seed)
+        for image in base:
+            if base[image] != row[image]:
+                side = expected["baseline_only" if base[image] else "row_only"]
+                side[image] = side.get(image, 0) + 1
+    out = tmp_path / "r.html"
+    assert invoke("report", "--parent", in_study.parent_id, "--output", str(out)).exit_code == 0
+    text = out.read_text()
+    page = Page(text)
+    shown = {image: seeds for image, seeds, _ in page.figures}
+    # Each side's 12 most frequent (ties by id), as many as the page shows.
+    both = {k: v for side in expected.values() for k, v in sorted(side.items(), key=lambda kv: (-kv[1], kv[0]))[:12]}
+    assert shown == both and both, "the tiny study's two rows should disagree somewhere"
+    assert all(src is not None and decodes(src) == (8, 8) for _, _, src in page.figures)  # the digit itself
+    assert (
+        f"{len(expected['baseline_only'])} images ResNet-18 gets right and Plain-18 wrong, "
+        f"{len(expected['row_only'])} the reverse" in text
+    )
+    assert "over the 2 seeds both ran (1, 2)" in text

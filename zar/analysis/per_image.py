@@ -26,7 +26,11 @@ def cache_dir() -> Path:
 
 def fetch_predictions(rows: list[RunRow]) -> dict[str, Predictions]:
     """run id -> its Predictions, for the rows that logged them (a file unreadable is left out)."""
-    wanted = [r.run_id for r in rows if r.has_predictions]
+    return read_predictions([r.run_id for r in rows if r.has_predictions])
+
+
+def read_predictions(wanted: list[str]) -> dict[str, Predictions]:
+    """run id -> its Predictions, for the given runs that logged them; read in parallel, through the cache."""
     if not wanted:
         return {}
     with ThreadPoolExecutor(min(THREADS, len(wanted))) as pool:

@@ -28,6 +28,7 @@ from ..errors import UserError
 from ..tracking import runs
 from ..tracking.provenance import TAG_GIT_COMMIT, TAG_TORCH, TAG_VERSION
 from .comparison import Comparison
+from .gallery import MAX_SHOWN, Disagreement, disagreements, png_data_uri
 from .render import markdown_table, render, table_cells
 from .table import TableRow
 
@@ -63,6 +64,7 @@ class Report:
     rows: list[Row]
     title: str
     experiment_id: str
+    disagreements: list[Disagreement] = field(default_factory=list)
 
     @property
     def runs(self) -> list:
@@ -96,7 +98,9 @@ def collect(found: Comparison, title: str | None = None) -> Report:
     experiment_id = rows[0].runs[0].info.experiment_id if rows and rows[0].runs else ""
     if title is None:
         title = f"Study run {found.parent}" if found.parent else f"Experiment '{found.experiment}'"
-    return Report(found, rows, title, experiment_id)
+    classes = next((r.classes for r in rows if r.classes), [])
+    found_apart = disagreements([(r.table_row, r.runs) for r in rows], classes)
+    return Report(found, rows, title, experiment_id, found_apart)
 
 
 # --- figures ------------------------------------------------------------------------------------------
@@ -227,6 +231,11 @@ img { max-width: 100%; } .notes { font-size: 0.85em; color: #444; } code { font-
 .swatch { display: inline-block; width: 0.8em; height: 0.8em; margin-right: 0.4em; border-radius: 2px; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: 0.2em 1em; font-size: 0.9em; }
 dt { font-weight: 600; } dd { margin: 0; word-break: break-word; }
+.gallery { display: flex; flex-wrap: wrap; gap: 0.6em; margin: 0.4em 0 1em; }
+.gallery figure { margin: 0; width: 6.5em; text-align: center; font-size: 0.8em; }
+.gallery img, .gallery .missing { width: 64px; height: 64px; object-fit: contain; image-rendering: pixelated;
+       border: 1px solid #ccc; display: block; margin: 0 auto 0.2em; }
+.gallery .missing { font-size: 0.7em; color: #888; overflow: hidden; }
 """
 
 
@@ -270,6 +279,7 @@ def to_html(report: Report, images: dict[str, Path]) -> str:
         if key in images:
             data = base64.b64encode(images[key].read_bytes()).decode()
             parts += [f"<h2>{caption}</h2>", f'<img alt="{caption}" src="data:image/png;base64,{data}">']
+    parts += _gallery_html(report)
     headers, cost = cost_table(report)
     parts += ["<h2>Cost per architecture</h2>", _html_table(headers, cost, colors)]
     parts.append(
@@ -289,6 +299,77 @@ def to_html(report: Report, images: dict[str, Path]) -> str:
     return "\n".join(parts) + "\n"
 
 
+GALLERY_TITLE = "Where they disagree with the baseline"
+
+
+def _counted(d: Disagreement) -> str:
+    """What the gallery's numbers count, in words."""
+    if not d.seeds:
+        return (
+            f"No seed of {d.row} and {d.baseline} both logged per-image predictions "
+            "(val_predictions.npz; runs of an older zar have none): nothing to pair."
+        )
+    epoch = "last" if d.select == "last" else "best (chosen on the validation set)"
+    seeds = ", ".join(d.seeds)
+    return (
+        f"Validation images one gets right and the other wrong, at each run's {epoch} epoch, over the "
+        f"{len(d.seeds)} seed{'s' * (len(d.seeds) > 1)} both ran ({seeds}), the image shown once with the "
+        f"number of seeds it happened in: {len(d.baseline_only)} images {d.baseline} gets right and {d.row} "
+        f"wrong, {len(d.row_only)} the reverse."
+    )
+
+
+def _side(d: Disagreement, cases, right: str, wrong: str) -> list[str]:
+    more = f" (the {MAX_SHOWN} most frequent of {len(cases)})" if len(cases) > MAX_SHOWN else ""
+    parts = [f"<h4>{html.escape(right)} right, {html.escape(wrong)} wrong: {len(cases)} images{more}</h4>"]
+    if not cases:
+        return parts
+    figures = []
+    for case in cases[:MAX_SHOWN]:
+        pixels = d.images.get(case.id)
+        picture = (
+            f'<img alt="validation image {html.escape(case.id)}" src="{png_data_uri(pixels)}">'
+            if pixels is not None
+            else f'<div class="missing">{html.escape(case.id)} not found</div>'
+        )
+        caption = (
+            f"true {html.escape(case.true)}, said {html.escape(case.wrong_as)}<br>{case.seeds} of {len(d.seeds)} seeds"
+        )
+        figures.append(
+            f'<figure data-id="{html.escape(case.id)}" data-seeds="{case.seeds}">{picture}'
+            f'<figcaption title="image {html.escape(case.id)}">{caption}</figcaption></figure>'
+        )
+    return [*parts, '<div class="gallery">' + "".join(figures) + "</div>"]
+
+
+def _gallery_html(report: Report) -> list[str]:
+    if not report.disagreements:
+        return []
+    parts = [f"<h2>{GALLERY_TITLE}</h2>"]
+    for d in report.disagreements:
+        parts += [
+            f'<h3 data-row="{html.escape(d.row)}">{html.escape(d.row)} against {html.escape(d.baseline)}</h3>',
+            f'<p class="notes">{html.escape(_counted(d))}</p>',
+        ]
+        if d.seeds:
+            parts += _side(d, d.baseline_only, d.baseline, d.row) + _side(d, d.row_only, d.row, d.baseline)
+    return parts
+
+
+def _gallery_markdown(report: Report) -> list[str]:
+    if not report.disagreements:
+        return []
+    parts = ["", f"## {GALLERY_TITLE}"]
+    for d in report.disagreements:
+        parts += ["", f"### {d.row} against {d.baseline}", "", _counted(d)]
+        for cases, right, wrong in ((d.baseline_only, d.baseline, d.row), (d.row_only, d.row, d.baseline)):
+            if d.seeds and cases:
+                rows = [[c.id, c.true, c.wrong_as, f"{c.seeds} of {len(d.seeds)}"] for c in cases[:MAX_SHOWN]]
+                headers = ["Image", "True class", f"{wrong} said", "Seeds"]
+                parts += ["", f"{right} right, {wrong} wrong: {len(cases)} images", "", markdown_table(headers, rows)]
+    return parts
+
+
 def to_markdown(report: Report, images: dict[str, Path]) -> str:
     parts = [
         f"# {report.title}",
@@ -305,6 +386,7 @@ def to_markdown(report: Report, images: dict[str, Path]) -> str:
     for key, caption in FIGURES.items():
         if key in images:
             parts += ["", f"## {caption}", "", f"![{caption}]({images[key].name})"]
+    parts += _gallery_markdown(report)
     headers, cost = cost_table(report)
     parts += ["", "## Cost per architecture", "", markdown_table(headers, cost), ""]
     parts += ["## What was compared", ""] + [f"- **{k}**: {v}" for k, v in provenance(report)]

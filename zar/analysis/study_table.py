@@ -56,6 +56,7 @@ def log_table(
         )
         tracking.log_artifacts(run_id, tmp)
     tracking.log_metrics(run_id, table_metrics(table))
+    tracking.set_tags(run_id, table_tags(table))
     echo("")
     for warning in warnings:  # as zar compare prints them
         echo(f"Warning: {warning}")
@@ -87,19 +88,38 @@ def table_metrics(table: list[TableRow]) -> dict[str, float]:
     """
     fraction = 1 / 100  # the table's rows hold percent and percentage points
     out = {}
-    by_model = len({row.model for row in table}) == len(table)  # else rows differ in settings too
-    # An ablation's rows by model and varied values (val_acc_mean.se.se_reduction_4), else by their names.
-    grouped = [row.model + "".join(f".{k}_{v}" for k, v in row.group.items()) for row in table]
-    by_group = any(row.group for row in table) and len(set(grouped)) == len(table)
-    for row, group_name in zip(table, grouped):
+    for row, name in zip(table, _metric_names(table)):
         accuracies = {
             "val_acc_mean": row.val_acc_mean,
             "val_acc_std": row.val_acc_std,
             "train_eval_acc_mean": row.train_eval_acc_mean,
             "val_acc_vs_baseline": row.val_acc_vs_baseline,
+            "val_acc_vs_baseline_ci_low": row.ci_low,  # the table's 95% interval, made as its notes say
+            "val_acc_vs_baseline_ci_high": row.ci_high,
         }
         values = {k: v * fraction for k, v in accuracies.items() if v is not None} | {"runs": row.runs}
-        name = row.model if by_model else group_name if by_group else row.name
-        name = re.sub(r"[^\w./ -]+", "_", name)  # what MLflow keys may hold
+        if row.seeds_needed is not None:
+            values["seeds_needed"] = row.seeds_needed
         out.update({f"{key}.{name}": v for key, v in values.items() if v is not None and math.isfinite(v)})
     return out
+
+
+def table_tags(table: list[TableRow]) -> dict[str, str]:
+    """Each compared row's verdict as a tag of the parent run (``zar.verdict.se``: ``equivalent (±1)``),
+    beside the method that made it (``zar.verdict_method.se``: ``bootstrap`` or ``welch``)."""
+    out = {}
+    for row, name in zip(table, _metric_names(table)):
+        if row.verdict and not row.is_baseline:
+            out[f"zar.verdict.{name}"] = row.verdict
+            out[f"zar.verdict_method.{name}"] = row.method
+    return out
+
+
+def _metric_names(table: list[TableRow]) -> list[str]:
+    """A key per row for the parent's metrics and tags: the model, else its varied values, else its name."""
+    by_model = len({row.model for row in table}) == len(table)  # else rows differ in settings too
+    # An ablation's rows by model and varied values (val_acc_mean.se.se_reduction_4), else by their names.
+    grouped = [row.model + "".join(f".{k}_{v}" for k, v in row.group.items()) for row in table]
+    by_group = any(row.group for row in table) and len(set(grouped)) == len(table)
+    names = [row.model if by_model else group if by_group else row.name for row, group in zip(table, grouped)]
+    return [re.sub(r"[^\w./ -]+", "_", name) for name in names]  # what MLflow keys may hold

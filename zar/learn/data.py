@@ -87,6 +87,29 @@ def load_data(cfg: TrainConfig) -> DataBundle:
     return _folder_bundle(Path(cfg.data), cfg)
 
 
+def raw_images(data: str, ids: Iterable[str]) -> dict[str, np.ndarray]:
+    """Samples by id as a person looks at them: uint8 pixels, H x W (grey) or H x W x 3, at their own size.
+
+    ``data`` is a run's ``data`` param. An image that can no longer be read (a folder moved or
+    changed since the run) is left out.
+    """
+    ids = list(ids)
+    if data in ("digits", "synthetic"):
+        images = (_digits() if data == "digits" else _synthetic())[0]
+        pixels = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        return {i: pixels[int(i)] for i in ids if i.isdigit() and int(i) < len(pixels)}
+    from PIL import Image
+
+    out = {}
+    for i in ids:
+        try:
+            with Image.open(Path(data) / i) as image:
+                out[i] = np.asarray(image.convert("RGB"))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def _digits() -> tuple[torch.Tensor, np.ndarray, list[str]]:
     from sklearn.datasets import load_digits  # ships inside scikit-learn: no download
 
