@@ -138,6 +138,7 @@ def _make_study(client, tracking) -> Study:
         last = {"val_acc": per_epoch[-1], "best_val_acc": max(per_epoch)}
         study.children.append(Run(run_id, name, study.parent.run_id, last, params))
     client.set_terminated(study.parent.run_id, tracking.FINISHED)
+    tracking.share_study_runs_view(experiment_id, study.parent.run_id)  # as zar study does for its run
     return study
 
 
@@ -409,6 +410,27 @@ def runs_table_problems(page: Page, study: Study, columns: tuple[str, ...] = ())
     return problems
 
 
+def study_curves_problems(page: Page, study: Study) -> list[str]:
+    """The study's children only (not its own row), one group per architecture, in the chart view
+    with a val_acc chart among the first shown."""
+    problems = view_problems(page)
+    count = page.matching_runs()
+    if count != len(study.children):
+        problems.append(f"the table says {count} matching runs, not the study's {len(study.children)} children")
+    if study.parent.name in page.text:
+        problems.append(f"the study's own run {study.parent.name} is listed")
+    for model in sorted({c.params["model"] for c in study.children}):
+        if f"Group: {model}" not in page.text:
+            problems.append(f"no group of the runs of model {model} (is the view grouped by the param model?)")
+    cards = page.root.find_all(**{"data-testid": "experiment-view-compare-runs-card"})
+    titles = [h.attrs.get("title", "") for card in cards for h in card.find_all("h4")]
+    if not cards:
+        problems.append("no chart cards: the link did not open the chart view")
+    elif "val_acc" not in titles:
+        problems.append(f"no val_acc chart among those shown first ({', '.join(titles)})")
+    return problems
+
+
 def run_page_problems(page: Page, study: Study, run: Run) -> list[str]:
     """The run's name, metrics and params, reached from "Runs" (the GenAI view says "Evaluations")."""
     problems = view_problems(page)
@@ -474,7 +496,7 @@ class Check:
 
 def zar_checks(study: Study) -> list[Check]:
     """zar's links (``runs_url`` at the current tracking URI), and the same links without the view."""
-    from zar.tracking import runs_url
+    from zar.tracking import runs_url, study_runs_url
 
     table_url = runs_url(study.experiment_id)
     columns = STUDY_COLUMNS if SHARE_PARAM in table_url else ()
@@ -484,12 +506,19 @@ def zar_checks(study: Study) -> list[Check]:
         Check("runs-table", table_url, lambda p: runs_table_problems(p, study, columns)),
         Check("study-run", parent_url, lambda p: run_page_problems(p, study, study.parent)),
         Check("child-run", runs_url(study.experiment_id, child.run_id), lambda p: run_page_problems(p, study, child)),
+        Check(
+            "study-curves",
+            study_runs_url(study.experiment_id, study.parent.run_id),
+            lambda p: study_curves_problems(p, study),
+        ),
     ]
     controls = [  # one run page is control enough
         Check(f"control-{c.name}", without_workflow(c.url), c.problems, control=True)
         for c in checks
-        if c.name != "study-run"
+        if c.name in ("runs-table", "child-run")
     ]
+    # The table of every run is not the study's curves: its link must fail that check.
+    controls.append(Check("control-study-curves", table_url, lambda p: study_curves_problems(p, study), control=True))
     return checks + controls
 
 

@@ -88,3 +88,9 @@ def test_a_run_link_shows_the_run_with_the_training_side_bar(pages, name):
 def test_without_the_query_the_same_links_fail_the_checks(pages, name):
     """The control: MLflow's GenAI view is what the checks catch, so a pass above means something."""
     assert any("GenAI" in p for p in pages.problems[name]), pages.explain(name)
+
+
+def test_the_study_curves_link_shows_its_runs_grouped_by_architecture_in_the_chart_view(pages):
+    """zar study's "Curves:" link: the children only, a group per model, the val_acc chart in view."""
+    assert pages.problems["study-curves"] == [], pages.explain("study-curves")
+    assert pages.problems["control-study-curves"], pages.explain("control-study-curves")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 import subprocess
@@ -110,3 +111,34 @@ def test_allowed_hosts_reach_mlflows_own_option(store):
     cmd = ui_command(store, "0.0.0.0", 5000, "runs.example.org")
     assert cmd[cmd.index("--allowed-hosts") + 1] == "runs.example.org" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
     assert "--allowed-hosts" not in ui_command(store, "127.0.0.1", 5000)
+
+
+def test_the_latest_studys_links_come_after_the_table_link(in_study):
+    """What ``zar ui`` prints under its "Training runs" line, and what ``zar study`` printed."""
+    from zar import ui
+
+    said = []
+    ui._echo_latest_study("zar", "http://127.0.0.1:5000", said.append)
+    experiment_id = MlflowClient().get_run(in_study.parent_id).info.experiment_id
+    base = f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs"
+    assert said == [
+        f"Latest study (study-2x2, FINISHED): {base}/{in_study.parent_id}?workflowType=machine_learning",
+        f"Its curves, by architecture: {base}?workflowType=machine_learning"
+        f"&viewStateShareKey=zar-study-{in_study.parent_id}&compareRunsMode=CHART",
+    ]
+    assert f"Curves:    http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?" in in_study.output
+    # The view that link opens: the study's children only, grouped by architecture.
+    tags = MlflowClient().get_experiment(experiment_id).tags
+    view = json.loads(tags[f"mlflow.sharedViewState.zar-study-{in_study.parent_id}"])
+    assert view["searchFilter"] == f"tags.mlflow.parentRunId = '{in_study.parent_id}'"
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "param", "groupByData": "model"}]
+    assert json.loads(view["state"])["groupBy"] == view["groupBy"]
+
+
+def test_no_study_no_study_lines(store):
+    from zar import ui
+
+    MlflowClient().create_experiment("zar")
+    said = []
+    ui._echo_latest_study("zar", None, said.append)
+    assert said == []

@@ -111,6 +111,7 @@ def run_study(
     run_name = f"study-{len(models)}x{len(seeds)}" + (f"-vary-{'-'.join(vary)}" if vary else "")
     parent, continued = _parent(spec, experiment, run_name, resume_run_id)
     run_id = parent.info.run_id
+    tracking.share_study_runs_view(parent.info.experiment_id, run_id, ["model", *vary])
     with runs.closing(
         run_id,
         {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name, **provenance.code_tags()},

@@ -41,6 +41,7 @@ def serve(
         tracking.check_reachable()
         echo(f"Runs are on the tracking server {tracking.shown_uri()}, which serves the UI itself:")
         echo(_link(experiment, None))
+        _echo_latest_study(experiment, None, echo)
         return 0
     if not uri.startswith("sqlite:"):
         raise UserError(f"zar ui serves a SQLite store; MLFLOW_TRACKING_URI is {tracking.shown_uri()}")
@@ -58,6 +59,7 @@ def serve(
         _wait_until_up(proc, address, log_path)
         echo(f"MLflow UI on {tracking.shown_uri()}, listening on {host}:{port} only (log: {log_path}).")
         echo(f"Training runs: {_link(experiment, address)}")
+        _echo_latest_study(experiment, address, echo)
         echo("Ctrl-C stops it.")
         return proc.wait()  # until it ends or a signal stops it
     except KeyboardInterrupt:
@@ -97,6 +99,21 @@ def _link(experiment: str, base: str | None) -> str:
         return tracking.runs_url(tracking.get_experiment_id(experiment, create=False), base=base)
     except UserError:
         return f"{base or tracking.ui_address()}/#/experiments?workflowType=machine_learning"
+
+
+def _echo_latest_study(experiment: str, base: str | None, echo) -> None:
+    """The experiment's latest study: its run's page and its runs' curves, grouped by architecture."""
+    try:
+        experiment_id = tracking.get_experiment_id(experiment, create=False)
+    except UserError:
+        return
+    study = tracking.latest_study(experiment_id)
+    if study is None:
+        return
+    run_id = study.info.run_id
+    name = study.data.tags.get(tracking.TAG_RUN_NAME, run_id)
+    echo(f"Latest study ({name}, {study.info.status}): {tracking.runs_url(experiment_id, run_id, base=base)}")
+    echo(f"Its curves, by architecture: {tracking.study_runs_url(experiment_id, run_id, base=base)}")
 
 
 def _check_port(host: str, port: int) -> None:

@@ -366,6 +366,39 @@ def study_view() -> dict:
     }
 
 
+def study_runs_url(experiment_id: str, study_run_id: str, base: str | None = None) -> str:
+    """The study's children alone (no parent row, no other runs), grouped by architecture, in the
+    runs table's chart view: each architecture's curves as its mean over seeds with a min-max band.
+    Opens the view ``share_study_runs_view`` saved; ``compareRunsMode`` picks the chart tab."""
+    base = (base or ui_address()).rstrip("/")
+    key = f"{STUDY_VIEW_KEY}-study-{study_run_id}"
+    return (
+        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&viewStateShareKey={key}&compareRunsMode=CHART"
+    )
+
+
+@_retry_locked
+def share_study_runs_view(experiment_id: str, study_run_id: str, group_by: list[str] = ("model",)) -> None:
+    """Save the view ``study_runs_url`` opens: ``study_view`` filtered to the study's children and
+    grouped by the params ``group_by`` (MLflow's "Group by", its charts drawing each group's mean):
+    the architecture, and an ablation's varied keys."""
+    keys = [{"mode": "param", "groupByData": key} for key in group_by]
+    view = study_view() | {
+        "searchFilter": f"tags.mlflow.parentRunId = '{study_run_id}'",
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": keys},
+        "chartsSearchFilter": "acc",  # the accuracy charts first (val_acc, train_eval_acc, ...), not A-Z
+    }
+    value = {
+        "name": f"zar: study {study_run_id[:8]}, by architecture",
+        "createdAt": int(time.time() * 1000),
+        "state": json.dumps(view),
+        **view,
+    }
+    key = f"mlflow.sharedViewState.{STUDY_VIEW_KEY}-study-{study_run_id}"
+    mlflow_client().set_experiment_tag(experiment_id, key, json.dumps(value))
+
+
 @_retry_locked
 def share_study_view(experiment_id: str) -> None:
     """Save ``study_view`` as the experiment's shared view ``zar`` (once), which ``runs_url`` opens.
@@ -406,6 +439,14 @@ def search_runs(experiment_id: str, filter_string: str = "", user_filter: str | 
         token = page.token
         if not token:
             return runs
+
+
+def latest_study(experiment_id: str):
+    """The experiment's most recently started study run, or None."""
+    found = mlflow_client().search_runs(
+        [experiment_id], f"tags.`{TAG_STUDY}` = '1'", order_by=["attributes.start_time DESC"], max_results=1
+    )
+    return found[0] if found else None
 
 
 def latest_runs(experiment_id: str, page_size: int = 1000) -> Iterator:
