@@ -4,6 +4,7 @@ interruptions; in one process, and with --jobs in processes of their own."""
 import csv
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -243,3 +244,41 @@ def test_the_studys_table_prints_the_warnings_zar_compare_prints(store):
     assert [line for line in lines if line.startswith("Warning: ")] == [
         "Warning: runs differ in more than model and seed: lr: 0.001, 0.01 (split into rows named by lr)"
     ]
+
+
+# --- the cores shared over a parallel study's children --------------------------------------------
+
+
+def test_the_cores_go_to_the_children_still_training(tmp_path, monkeypatch):
+    """Five children on two slots of two cores: one thread each while two train, both cores to the last."""
+    from zar import parallel
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(parallel, "_gpu_count", lambda: 0)
+    share = parallel.ThreadShare(tmp_path, jobs=2, queued=5)
+    read = lambda i: int(share.file(i).read_text())  # noqa: E731
+    assert [share.started(0), share.started(1)] == [1, 1]
+    share.ended(0)
+    assert share.started(2) == 1 and read(1) == 1  # a child still queued takes the freed core
+    share.ended(1)
+    assert share.started(3) == 1
+    share.ended(2)
+    assert share.started(4) == 1  # child 3 still trains beside it
+    share.ended(3)
+    assert read(4) == 2  # the last child alone: both cores
+    # One child on two slots has both cores from the start.
+    assert parallel.ThreadShare(tmp_path, jobs=2, queued=1).started(0) == 2
+
+
+def test_a_child_follows_its_share_between_epochs(store, tmp_path):
+    share = tmp_path / "threads0"
+    share.write_text("1")
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "ZAR_THREADS_FILE": str(share)}
+    result = subprocess.run(
+        [sys.executable, "-m", "zar", "train", *TINY, "--epochs", "2"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if "epoch   1/2" in line)
+    assert lines[first + 1] == "threads: 2 -> 1 (this child's share of the study's cores now)"

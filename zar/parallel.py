@@ -28,16 +28,60 @@ from .errors import Interrupted
 from .tracking import runs
 
 GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
+THREADS_FILE = "ZAR_THREADS_FILE"  # a child's share of the cores, rewritten as others end (zar.training reads it)
 
 
-def child_env(slot: int, jobs: int) -> dict[str, str]:
+def child_env(slot: int, jobs: int, threads: int | None = None) -> dict[str, str]:
     """Threads split evenly over the children; one GPU each, round robin, where there are several."""
-    env = {k: v for k, v in os.environ.items() if k != runs.ENV_RUN_ID}  # the parent's, never a child's
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    env = {k: v for k, v in os.environ.items() if k not in (runs.ENV_RUN_ID, THREADS_FILE)}  # never the parent's
+    env.setdefault("OMP_NUM_THREADS", str(threads or max(1, (os.cpu_count() or 1) // jobs)))
     gpus = _gpu_count()
     if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
         env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env
+
+
+class ThreadShare:
+    """The cores split over the children training now, so that none idles while a child still trains.
+
+    Five children on two slots run as 2, 2, 1: the last one would train alone on one thread while
+    the other core idled. Each child gets ``cpus // min(jobs, running + still queued)`` threads
+    when it starts, and a file holding its share, rewritten whenever a child ends; the child reads
+    it between epochs and changes torch's thread count. Off when the user set OMP_NUM_THREADS
+    (their choice stands) or when children train on GPUs.
+    """
+
+    def __init__(self, folder: Path, jobs: int, queued: int):
+        self.folder, self.jobs, self.queued = folder, jobs, queued
+        self.cpus = os.cpu_count() or 1
+        self.live: set[int] = set()
+        self.lock = threading.Lock()
+        self.enabled = "OMP_NUM_THREADS" not in os.environ and _gpu_count() == 0
+
+    def file(self, i: int) -> Path:
+        return self.folder / f"threads{i}"
+
+    def started(self, i: int) -> int:
+        """Child ``i`` starts: its share of the cores (written to its file)."""
+        with self.lock:
+            self.queued -= 1
+            self.live.add(i)
+            return self._share()[i]
+
+    def ended(self, i: int) -> None:
+        with self.lock:
+            self.live.discard(i)
+            self._share()
+
+    def _share(self) -> dict[int, int]:
+        threads = max(1, self.cpus // max(1, min(self.jobs, len(self.live) + self.queued)))
+        shares = {i: threads for i in self.live}
+        if self.enabled:
+            for i, n in shares.items():
+                tmp = self.file(i).with_suffix(".tmp")
+                tmp.write_text(str(n))
+                os.replace(tmp, self.file(i))  # a child never reads half a number
+        return shares
 
 
 def _gpu_count() -> int:
@@ -104,9 +148,10 @@ def train_children(
             params.append(Path(tmp) / f"child{i}.yaml")
             params[i].write_text(to_yaml(child.cfg))
         pool = ThreadPoolExecutor(max_workers=jobs)
+        share = ThreadShare(Path(tmp), jobs, len(children))
         try:
             futures = {
-                pool.submit(_run_child, live, i, jobs, child, params[i], parent_run_id, experiment, echo)
+                pool.submit(_run_child, live, share, i, jobs, child, params[i], parent_run_id, experiment, echo)
                 for i, child in enumerate(children)
             }
             pending = set(futures)
@@ -129,7 +174,15 @@ def train_children(
 
 
 def _run_child(
-    live: Children, i: int, jobs: int, child: Child, params: Path, parent_run_id: str, experiment: str, echo
+    live: Children,
+    share: ThreadShare,
+    i: int,
+    jobs: int,
+    child: Child,
+    params: Path,
+    parent_run_id: str,
+    experiment: str,
+    echo,
 ) -> str | None:
     zar = [sys.executable, "-m", "zar", "train", "--no-progress"]
     if child.resume:  # an interrupted attempt's run, with its own settings, under its parent already
@@ -137,9 +190,20 @@ def _run_child(
     else:
         cmd = [*zar, "--model", child.model, "--params", str(params), "--experiment", experiment]
         cmd += ["--parent-run", parent_run_id]
-    proc = live.start(i, cmd, child_env(i % jobs, jobs))
-    if proc is None:
-        return None  # the study is stopping: this child never started
+    env = child_env(i % jobs, jobs, share.started(i))
+    if share.enabled:
+        env[THREADS_FILE] = str(share.file(i))
+    try:
+        proc = live.start(i, cmd, env)
+        if proc is None:
+            return None  # the study is stopping: this child never started
+        return _follow(live, proc, child, echo)
+    finally:
+        share.ended(i)
+
+
+def _follow(live: Children, proc: subprocess.Popen, child: Child, echo) -> str | None:
+    """The child's output, prefixed with its label; its failure, if it failed."""
     prefix, last_error = f"[{child.label}] ", None
     for line in proc.stdout:
         line = line.rstrip("\n")

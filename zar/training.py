@@ -10,6 +10,7 @@ RUNNING, and a mistake found before training creates no run at all.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .learn import distributed
 from .learn.data import DataBundle, load_data
 from .learn.engine import Diverged, EpochResult, Trainer, resolve_device, resolve_precision
 from .learn.models import build_model
+from .parallel import THREADS_FILE
 from .recording import Prepared, Recorder
 from .tracking import FINISHED, RUNNING, provenance, runs
 
@@ -311,6 +313,23 @@ def _rank_failures(run_id: str):
     raise TrainingFailed(f"{why}; run {run_id} marked FAILED", reason=why) from None
 
 
+def follow_thread_share() -> tuple[int, int] | None:
+    """Between epochs, a study's child takes the share of the cores its parent gives it now
+    (zar.parallel.ThreadShare): more when the children beside it have ended. (before, after) if it changed."""
+    path = os.environ.get(THREADS_FILE)
+    if not path:
+        return None
+    try:
+        threads = int(open(path).read())
+    except (OSError, ValueError):
+        return None
+    before = torch.get_num_threads()
+    if threads < 1 or threads == before:
+        return None
+    torch.set_num_threads(threads)
+    return before, threads
+
+
 def _fit(
     prepared: Prepared,
     recorder: Recorder,
@@ -328,6 +347,9 @@ def _fit(
             echo(_epoch_line(r, cfg))
             if on_epoch is not None:
                 on_epoch(r)
+            threads = follow_thread_share()
+            if threads:
+                echo(f"threads: {threads[0]} -> {threads[1]} (this child's share of the study's cores now)")
     except Pruned:  # never resumed: its checkpoint would only take space
         recorder.drop_checkpoint()
         raise
