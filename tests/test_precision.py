@@ -1,18 +1,19 @@
 """The speed choices keep results honest: precision is recorded as it ran, and compared only like with like."""
 
+import json
+
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
 from zar.config import load_config
+from zar.learn import autoprecision, engine
 from zar.learn.data import load_data
 from zar.learn.engine import (
-    AUTO_BF16_MIN_IMAGE_SIZE,
     EVAL_BATCH_SIZE,
     Trainer,
     evaluate,
     make_optimizer,
-    native_bf16,
     resolve_precision,
 )
 from zar.learn.models import build_model
@@ -51,11 +52,36 @@ def test_evaluation_in_big_batches_predicts_as_the_training_batch_size_would():
     assert trainer.evaluate() is big  # the last epoch's evaluation is reused, not computed again
 
 
-def test_auto_precision_is_bf16_only_where_native_and_the_images_are_large():
-    big = resolve_precision("auto", CPU, AUTO_BF16_MIN_IMAGE_SIZE)
-    assert big == ("bf16" if native_bf16(CPU) else "fp32")
-    assert resolve_precision("auto", CPU, AUTO_BF16_MIN_IMAGE_SIZE - 1) == "fp32"
+def test_auto_precision_without_native_bf16_is_fp32_unmeasured(monkeypatch):
+    monkeypatch.setattr(engine, "native_bf16", lambda device: False)
+    monkeypatch.setattr(autoprecision, "measure", lambda *a: pytest.fail("measured where bf16 is emulated"))
+    assert resolve_precision("auto", CPU, 224) == "fp32"
     assert resolve_precision("bf16", CPU, 16) == "bf16" and resolve_precision("fp32", CPU, 224) == "fp32"
+
+
+@pytest.mark.parametrize(("ratio", "chosen"), [(0.7, "bf16"), (0.9, "bf16"), (0.95, "fp32"), (1.3, "fp32")])
+def test_auto_precision_follows_this_machines_measurement_taken_once(monkeypatch, ratio, chosen):
+    monkeypatch.setattr(engine, "native_bf16", lambda device: True)
+    calls = []
+
+    def measure(size, batch):
+        calls.append((size, batch))
+        return {"fp32_s": 1.0, "bf16_s": ratio, "bf16_vs_fp32": ratio}
+
+    monkeypatch.setattr(autoprecision, "measure", measure)
+    size = 1000 + int(ratio * 100)  # a size no other test measured: the cache is the session's
+    assert resolve_precision("auto", CPU, size, 32) == chosen
+    assert resolve_precision("auto", CPU, size, 32) == chosen and calls == [(size, 32)]  # cached
+    key = next(k for k in json.loads(autoprecision.cache_path().read_text()) if k.endswith(f"{size} px | batch 32"))
+    assert key.startswith(autoprecision.cpu_model())
+
+
+def test_the_measurement_times_both_precisions_on_one_thread():
+    threads = torch.get_num_threads()
+    m = autoprecision.measure(8, 4)
+    assert m["fp32_s"] > 0 and m["bf16_s"] > 0
+    assert m["bf16_vs_fp32"] == pytest.approx(m["bf16_s"] / m["fp32_s"], rel=0.01)
+    assert torch.get_num_threads() == threads  # restored
 
 
 def test_bf16_trains_in_autocast_with_channels_last():
@@ -70,7 +96,7 @@ def test_a_run_records_the_precision_that_ran_never_auto(store, zar):
     result = zar("train", *TINY, "--precision", "auto")
     assert result.exit_code == 0, result.output
     (params,) = params_of_all_runs()
-    assert params["precision"] == resolve_precision("auto", CPU, 16) == "fp32"
+    assert params["precision"] == resolve_precision("auto", CPU, 16, 32) != "auto"
 
 
 def test_compare_does_not_pool_runs_of_different_precision(store, zar):

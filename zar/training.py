@@ -58,7 +58,7 @@ def resolve(cfg: TrainConfig) -> tuple[TrainConfig, torch.device]:
     except ValueError as e:
         raise UserError(str(e)) from None
     # Runs record the precision that ran, never 'auto': they are compared by it.
-    return cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size)), device
+    return cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size)), device
 
 
 def prepare(model_name: str, cfg: TrainConfig, data: DataBundle | None = None) -> Prepared:

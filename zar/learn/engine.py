@@ -71,8 +71,9 @@ class Evaluation:
 # Evaluation has no optimizer step and keeps no activations for backward: bigger batches
 # pay (1.6x at 32 px measured) and give the same predictions, as BatchNorm uses running stats.
 EVAL_BATCH_SIZE = 256
-# bf16 autocast pays only where convolutions are big enough: issue 8 measured it at 3.6x fp32 at
-# 224 px and slower than fp32 at 32 px (Xeon with AMX); benchmarks/bench_precision.py measures it.
+# On a GPU, bf16 autocast pays where convolutions are big enough; on a CPU, auto measures it
+# (zar.learn.autoprecision): issue 8 found it 3.6x fp32 at 224 px and slower at 32 px on a Xeon
+# with AMX, issue 23 1.4x faster at 32 px on an AMD EPYC with avx512_bf16.
 AUTO_BF16_MIN_IMAGE_SIZE = 64
 # Warmup starts at lr / 100 and rises linearly, batch by batch (as torchvision's reference recipes do).
 WARMUP_START_FACTOR = 0.01
@@ -97,11 +98,19 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(name: str, device: torch.device, image_size: int) -> str:
-    """``auto``: bf16 only where the hardware has it natively and the images are large enough to gain."""
+def resolve_precision(name: str, device: torch.device, image_size: int, batch_size: int = 32) -> str:
+    """``auto``: bf16 only where the hardware has it natively and it pays: on a CPU where a measurement
+    of a few training steps at ``image_size`` says so (zar.learn.autoprecision, cached per machine), on
+    a GPU from AUTO_BF16_MIN_IMAGE_SIZE."""
     if name != "auto":
         return name
-    return "bf16" if native_bf16(device) and image_size >= AUTO_BF16_MIN_IMAGE_SIZE else "fp32"
+    if not native_bf16(device):
+        return "fp32"
+    if device.type == "cpu":
+        from .autoprecision import choose
+
+        return choose(image_size, batch_size)
+    return "bf16" if image_size >= AUTO_BF16_MIN_IMAGE_SIZE else "fp32"
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -191,7 +200,7 @@ class Augment:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmented batch and its targets: ``y`` itself, or soft targets (B x classes) after MixUp/CutMix."""
-        with torch.random.fork_rng(devices=[]), _one_thread():
+        with torch.random.fork_rng(devices=[]), one_thread():
             torch.set_rng_state(self.generator.get_state())
             if self.per_image is not None:
                 x = self._each_image(x)
@@ -210,7 +219,7 @@ class Augment:
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
     """Torch's CPU ops on one thread: augmenting one small image, or mixing a batch, gains nothing from
     more, and each op's threads wait for each other. RandAugment on a batch of 32 images of 32 px took
     12 ms on one thread and 550 ms on two where the other core was busy (2-core AMD EPYC, issue 11)."""
@@ -339,7 +348,7 @@ class Trainer:
         num_classes: int | None = None,
     ):
         self.cfg, self.device, self.progress = cfg, device, progress
-        self.precision = Precision(resolve_precision(cfg.precision, device, cfg.image_size), device)
+        self.precision = Precision(resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size), device)
         self.model = model.to(device, memory_format=self.precision.memory_format)
         # Under torchrun, DDP trains it (rank 0's weights to every rank first, gradients averaged
         # every step); self.model stays the plain module that is evaluated, checkpointed and logged.
