@@ -44,6 +44,12 @@ def run_benchmark(script: str, *args: str) -> subprocess.CompletedProcess:
             marks=pytest.mark.slow,
         ),
         pytest.param(
+            "bench_bf16.py",
+            ["--sizes", "8", "--threads", "1", "--batch", "4", "--steps", "1"],
+            "| 1 | 8 | 4 | ",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
             "bench_train.py",
             ["--tiny", "--epochs", "1", "--repeat", "1", "--overhead-epochs", "1"],
             "ratio tracking+checkpoint overhead / wall: ",
