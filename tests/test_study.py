@@ -211,7 +211,8 @@ def test_the_study_run_records_the_precision_its_children_ran(store):
     result = invoke("study", "--models", "resnet", "--seeds", "1", *TINY, "--precision", "auto")
     assert result.exit_code == 0, result.output
     recorded = {r.data.tags.get("zar.model", "study"): r.data.params["precision"] for r in runs()}
-    assert recorded == {"study": "fp32", "resnet": "fp32"}  # auto at 16 px is fp32 on any machine
+    ran = recorded["resnet"]  # what auto measured faster here at 16 px: fp32 or bf16, never auto
+    assert recorded == {"study": ran, "resnet": ran} and ran in ("fp32", "bf16")
 
 
 @pytest.mark.parametrize(
