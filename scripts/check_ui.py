@@ -20,7 +20,7 @@ land in the folder given on the command line.
 
     .venv/bin/python scripts/check_ui.py ui-check     # then look at ui-check/*.png
 
-zar saves a runs-table view as an experiment tag (``zar.tracking.share_study_view``) and its
+zar saves a runs-table view as an experiment tag (``zar.tracking.views.share_study_view``) and its
 table link names it (``viewStateShareKey``): the check of that link asks for the study's
 columns (val_acc, best_val_acc, model, seed) too.
 
@@ -117,8 +117,10 @@ def _env(name: str, value: str) -> Iterator[None]:
 def _make_study(client, tracking) -> Study:
     from mlflow.entities import Metric, Param
 
+    from zar.tracking import views
+
     experiment_id = client.create_experiment(tracking.DEFAULT_EXPERIMENT)
-    tracking.share_study_view(experiment_id)  # as zar does for every experiment it starts runs in
+    views.share_study_view(experiment_id)  # as zar does for every experiment it starts runs in
     name = "study-2x1"
     parent = client.create_run(experiment_id, run_name=name, tags={tracking.TAG_STUDY: "1"})
     study = Study(experiment_id, Run(parent.info.run_id, name), [])
@@ -138,7 +140,7 @@ def _make_study(client, tracking) -> Study:
         last = {"val_acc": per_epoch[-1], "best_val_acc": max(per_epoch)}
         study.children.append(Run(run_id, name, study.parent.run_id, last, params))
     client.set_terminated(study.parent.run_id, tracking.FINISHED)
-    tracking.share_study_runs_view(experiment_id, study.parent.run_id)  # as zar study does for its run
+    views.share_study_runs_view(experiment_id, study.parent.run_id)  # as zar study does for its run
     return study
 
 
@@ -496,7 +498,8 @@ class Check:
 
 def zar_checks(study: Study) -> list[Check]:
     """zar's links (``runs_url`` at the current tracking URI), and the same links without the view."""
-    from zar.tracking import runs_url, study_runs_url
+    from zar.tracking import runs_url
+    from zar.tracking.views import study_runs_url
 
     table_url = runs_url(study.experiment_id)
     columns = STUDY_COLUMNS if SHARE_PARAM in table_url else ()

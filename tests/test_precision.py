@@ -64,21 +64,24 @@ def test_auto_precision_follows_this_machines_measurement_taken_once(monkeypatch
     monkeypatch.setattr(engine, "native_bf16", lambda device: True)
     calls = []
 
-    def measure(size, batch):
-        calls.append((size, batch))
+    def measure(size, batch, threads):
+        calls.append((size, batch, threads))
         return {"fp32_s": 1.0, "bf16_s": ratio, "bf16_vs_fp32": ratio}
 
     monkeypatch.setattr(autoprecision, "measure", measure)
     size = 1000 + int(ratio * 100)  # a size no other test measured: the cache is the session's
-    assert resolve_precision("auto", CPU, size, 32) == chosen
-    assert resolve_precision("auto", CPU, size, 32) == chosen and calls == [(size, 32)]  # cached
-    key = next(k for k in json.loads(autoprecision.cache_path().read_text()) if k.endswith(f"{size} px | batch 32"))
+    assert resolve_precision("auto", CPU, size, 32, threads=1) == chosen
+    assert resolve_precision("auto", CPU, size, 32, threads=1) == chosen and calls == [(size, 32, 1)]  # cached
+    resolve_precision("auto", CPU, size, 32, threads=2)  # another thread count is measured apart
+    assert calls == [(size, 32, 1), (size, 32, 2)]
+    cached = json.loads(autoprecision.cache_path().read_text())
+    key = next(k for k in cached if k.endswith(f"{size} px | batch 32 | 1 threads"))
     assert key.startswith(autoprecision.cpu_model())
 
 
-def test_the_measurement_times_both_precisions_on_one_thread():
+def test_the_measurement_times_both_precisions_and_restores_the_threads():
     threads = torch.get_num_threads()
-    m = autoprecision.measure(8, 4)
+    m = autoprecision.measure(8, 4, 1)
     assert m["fp32_s"] > 0 and m["bf16_s"] > 0
     assert m["bf16_vs_fp32"] == pytest.approx(m["bf16_s"] / m["fp32_s"], rel=0.01)
     assert torch.get_num_threads() == threads  # restored

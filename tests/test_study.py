@@ -283,3 +283,13 @@ def test_a_child_follows_its_share_between_epochs(store, tmp_path):
     lines = result.stdout.splitlines()
     first = next(i for i, line in enumerate(lines) if "epoch   1/2" in line)
     assert lines[first + 1] == "threads: 2 -> 1 (this child's share of the study's cores now)"
+
+
+def test_a_parallel_study_chooses_its_precision_for_the_threads_each_child_gets(monkeypatch):
+    from zar import parallel
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 8)
+    assert [parallel.child_threads(j) for j in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert parallel.child_threads(2) == 3  # the user's choice stands

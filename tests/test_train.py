@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from zar.config import FIELD_TYPES
-from zar.tracking import STUDY_COLUMNS, checkpoint_path, runs_url
+from zar.tracking import checkpoint_path, runs_url
+from zar.tracking.views import STUDY_COLUMNS
 
 from helpers import ROOT, TINY, all_runs, zar_subprocess
 

@@ -348,7 +348,7 @@ def test_recommended_params_file_is_the_study_with_a_schedule_and_label_smoothin
     study = TrainConfig()
     for key in ("lr", "batch_size", "optimizer", "weight_decay", "seed", "split_seed", "val_ratio", "image_size"):
         assert getattr(cfg, key) == getattr(study, key), key
-    assert (cfg.data, cfg.depth, cfg.precision) == ("digits", 34, "fp32")
+    assert (cfg.data, cfg.depth, cfg.precision) == ("digits", 34, study.precision)
     assert cfg.scheduler == "cosine" and 1 <= cfg.warmup_epochs <= 2 and cfg.label_smoothing == 0.1
     assert cfg.augment == "none"  # a mirrored digit is no digit
     assert cfg.epochs == study.epochs  # the same budget: differences come from the schedule and the loss

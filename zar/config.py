@@ -20,7 +20,7 @@ from .variants import DEPTHS
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it pays (zar.learn.engine)
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware has it and it measures faster (zar.learn)
 SCHEDULERS = ("none", "cosine", "onecycle")  # of the learning rate, stepped per batch (zar.learn.engine)
 AUGMENTS = ("none", "flip", "randaugment")  # of each training image (zar.learn.engine)
 MAX_SEED = 2**32 - 1  # what numpy and scikit-learn accept as a seed
@@ -115,7 +115,10 @@ class TrainConfig:
         not_searched="it changes where a trial runs, not what it learns",
     )
     precision: str = key(
-        "fp32", "arithmetic of training (auto: bf16 where the hardware has it and it pays)", PRECISIONS
+        "auto",
+        "arithmetic of training (auto: bf16 where the hardware has it natively and a few timed steps on "
+        "this machine say it is faster, else fp32; runs record the one that ran)",
+        PRECISIONS,
     )
     skip_bad_images: bool = key(
         False,

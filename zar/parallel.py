@@ -31,6 +31,13 @@ GRACE_S = 30.0  # how long interrupted children get to close their runs before t
 THREADS_FILE = "ZAR_THREADS_FILE"  # a child's share of the cores, rewritten as others end (zar.training reads it)
 
 
+def child_threads(jobs: int) -> int:
+    """The CPU threads each of ``jobs`` children trains on while all of them train."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    return max(1, (os.cpu_count() or 1) // max(1, jobs))
+
+
 def child_env(slot: int, jobs: int, threads: int | None = None) -> dict[str, str]:
     """Threads split evenly over the children; one GPU each, round robin, where there are several."""
     env = {k: v for k, v in os.environ.items() if k not in (runs.ENV_RUN_ID, THREADS_FILE)}  # never the parent's

@@ -24,7 +24,7 @@ from .checks import check_study
 from .config import ROLE, RUNTIME, TrainConfig, from_dict
 from .errors import Interrupted, TrainingFailed, UserError, describe
 from .learn.data import DataBundle, data_key, load_data
-from .tracking import provenance, runs
+from .tracking import provenance, runs, views
 
 CONTINUE_HINT = "run the same command again, or 'zar study --resume {run_id}', to continue it"
 
@@ -99,9 +99,13 @@ def run_study(
     vary = vary or {}
     check_study(models, baseline or default_baseline(models), seeds)
     planned = planned_seeds(seeds, until_decided, vary)
-    cfg, _ = training.resolve(cfg)  # the parent records the precision its children run at
+    # The parent records the precision its children run at, chosen for the threads each child gets.
+    cfg, _ = training.resolve(cfg, parallel.child_threads(jobs))
     # Every child's config, built and resolved now: a bad value or device fails before any run.
-    kids = [Child(k.model, training.resolve(k.cfg)[0], k.varied) for k in ablation.plan(models, planned, cfg, vary)]
+    threads = parallel.child_threads(jobs)
+    kids = [
+        Child(k.model, training.resolve(k.cfg, threads)[0], k.varied) for k in ablation.plan(models, planned, cfg, vary)
+    ]
     _check_distinct(kids)
     data = _load_once(kids)
     code = {k: v for k, v in provenance.code_tags().items() if k in provenance.RESUME_KEYS}
@@ -111,7 +115,7 @@ def run_study(
     run_name = f"study-{len(models)}x{len(seeds)}" + (f"-vary-{'-'.join(vary)}" if vary else "")
     parent, continued = _parent(spec, experiment, run_name, resume_run_id)
     run_id = parent.info.run_id
-    tracking.share_study_runs_view(parent.info.experiment_id, run_id, ["model", *vary])
+    views.share_study_runs_view(parent.info.experiment_id, run_id, ["model", *vary])
     with runs.closing(
         run_id,
         {tracking.TAG_STUDY: "1", tracking.TAG_RUN_NAME: run_name, **provenance.code_tags()},

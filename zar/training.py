@@ -51,14 +51,16 @@ class TrainingResult:
     summary: dict[str, float]
 
 
-def resolve(cfg: TrainConfig) -> tuple[TrainConfig, torch.device]:
-    """The device to train on, and ``cfg`` with the precision that will run in place of 'auto'."""
+def resolve(cfg: TrainConfig, threads: int | None = None) -> tuple[TrainConfig, torch.device]:
+    """The device to train on, and ``cfg`` with the precision that will run in place of 'auto'
+    (measured at ``threads`` CPU threads, those the run will train on; default torch's now)."""
     try:
         device = distributed.rank_device(resolve_device(cfg.device))
     except ValueError as e:
         raise UserError(str(e)) from None
     # Runs record the precision that ran, never 'auto': they are compared by it.
-    return cfg.replace(precision=resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size)), device
+    precision = resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size, threads)
+    return cfg.replace(precision=precision), device
 
 
 def prepare(model_name: str, cfg: TrainConfig, data: DataBundle | None = None) -> Prepared:

@@ -20,6 +20,7 @@ from urllib.request import urlopen
 
 from . import tracking
 from .errors import UserError
+from .tracking import views
 
 START_TIMEOUT_S = 120.0  # the first start migrates the store and builds the app: tens of seconds here
 
@@ -113,7 +114,7 @@ def _echo_latest_study(experiment: str, base: str | None, echo) -> None:
     run_id = study.info.run_id
     name = study.data.tags.get(tracking.TAG_RUN_NAME, run_id)
     echo(f"Latest study ({name}, {study.info.status}): {tracking.runs_url(experiment_id, run_id, base=base)}")
-    echo(f"Its curves, by architecture: {tracking.study_runs_url(experiment_id, run_id, base=base)}")
+    echo(f"Its curves, by architecture: {views.study_runs_url(experiment_id, run_id, base=base)}")
 
 
 def _check_port(host: str, port: int) -> None:

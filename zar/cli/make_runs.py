@@ -204,9 +204,10 @@ def study(
 
 def _study_done(result, register: str | None) -> None:
     from .. import tracking
+    from ..tracking import views
 
     click.echo(f"\nStudy run: {tracking.runs_url(result.experiment_id, result.run_id)}")
-    click.echo(f"Curves:    {tracking.study_runs_url(result.experiment_id, result.run_id)}")
+    click.echo(f"Curves:    {views.study_runs_url(result.experiment_id, result.run_id)}")
     click.echo("           (the study's runs grouped by architecture: mean and min-max band over seeds)")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
     if register:

@@ -1,12 +1,14 @@
 """``precision: auto`` on a CPU: bf16 where a quick measurement on this machine says it trains faster.
 
-Whether bf16 pays depends on the CPU as much as on the image size. On a 2-core AMD EPYC with
-avx512_bf16, a ResNet-34 training step at 32 px took 179 ms in bf16 against 254 ms in fp32
-(issue 23), while on a Xeon with AMX bf16 was slower than fp32 at 32 px (issue 8). So ``auto``
-times a few training steps of ResNet-34 at the run's image size and batch size in both precisions,
-on one thread (as a study's children train), once per CPU model, torch version, image size and
-batch size, and keeps the answer in ``$ZAR_CACHE_DIR/precision.json`` (default ``~/.cache/zar``). A CPU without native
-bf16 (AMX or AVX512-BF16) never gets bf16: emulated, it is slower and is not measured.
+Whether bf16 pays depends on the CPU and the thread count as much as on the image size. On a
+2-core AMD EPYC with avx512_bf16, a ResNet-34 training step at 32 px was 1.15x faster in bf16 on
+one thread and 0.94x on two (benchmarks/bench_bf16.py, issue 23); on a Xeon with AMX bf16 was
+slower than fp32 at 32 px (issue 8). So ``auto`` times a few training steps of ResNet-34 at the
+run's image size, batch size and thread count (a study's children one thread each, ``zar train``
+alone every core) in both precisions, once per CPU model, torch version, size, batch and thread
+count, and keeps the answer in ``$ZAR_CACHE_DIR/precision.json`` (default ``~/.cache/zar``).
+A CPU without native bf16 (AMX or AVX512-BF16) never gets bf16: emulated, it is slower, and
+nothing is measured.
 
 The measurement takes a few seconds at 32 px (about 30 s at 224 px), paid once per machine and size.
 """
@@ -35,39 +37,40 @@ def cache_path() -> Path:
     return imagecache.cache_dir().parent / CACHE_NAME
 
 
-def choose(image_size: int, batch_size: int) -> str:
-    """'bf16' or 'fp32' for CPU training at ``image_size`` px on this machine (measured once, then cached)."""
-    return "bf16" if measured(image_size, batch_size)["bf16_vs_fp32"] <= FASTER else "fp32"
+def choose(image_size: int, batch_size: int, threads: int) -> str:
+    """'bf16' or 'fp32' for CPU training at ``image_size`` px on ``threads`` threads of this machine
+    (measured once, then cached)."""
+    return "bf16" if measured(image_size, batch_size, threads)["bf16_vs_fp32"] <= FASTER else "fp32"
 
 
-def measured(image_size: int, batch_size: int) -> dict:
+def measured(image_size: int, batch_size: int, threads: int) -> dict:
     """This machine's measurement: seconds per training step in each precision and their ratio."""
-    key = f"{cpu_model()} | torch {torch.__version__} | {image_size} px | batch {batch_size}"
+    key = f"{cpu_model()} | torch {torch.__version__} | {image_size} px | batch {batch_size} | {threads} threads"
     known = _read_cache()
     if key not in known:
-        known = _read_cache() | {key: measure(image_size, batch_size)}  # again: another process may have written
+        known = _read_cache() | {key: measure(image_size, batch_size, threads)}  # again: another process wrote?
         _write_cache(known)
     return known[key]
 
 
-def measure(image_size: int, batch: int) -> dict:
-    """Seconds per training step of ResNet-34 (AdamW) on ``batch`` images in fp32 and in bf16."""
-    from .engine import Precision, one_thread
+def measure(image_size: int, batch: int, threads: int = 1) -> dict:
+    """Seconds per training step of ResNet-34 (AdamW) on ``batch`` images, on ``threads`` threads, in fp32 and bf16."""
     from .models import build_model
 
     x, y = torch.rand(batch, 3, image_size, image_size), torch.arange(batch) % 10
     seconds = {}
-    with one_thread():
+    with _threads(threads):
         for name in ("fp32", "bf16"):
-            precision = Precision(name, torch.device("cpu"))
+            # As zar.learn.engine.Precision trains: bf16 is autocast with channels-last memory.
+            memory_format = torch.channels_last if name == "bf16" else torch.contiguous_format
             torch.manual_seed(0)
-            model = build_model("resnet", 34, 10).to(memory_format=precision.memory_format)
+            model = build_model("resnet", 34, 10).to(memory_format=memory_format)
             optimizer = torch.optim.AdamW(model.parameters(), fused=True)
-            inputs = precision.inputs(x)
+            inputs = x.contiguous(memory_format=memory_format)
             times = []
             for step in range(WARMUP + STEPS):
                 start = time.perf_counter()
-                with precision.autocast():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
                     loss = nn.functional.cross_entropy(model(inputs), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -82,6 +85,17 @@ def measure(image_size: int, batch: int) -> dict:
         "batch": batch,
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Torch's CPU ops on ``n`` threads, then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def cpu_model() -> str:

@@ -98,10 +98,12 @@ def native_bf16(device: torch.device) -> bool:
     return any(getattr(cpu, probe, lambda: False)() for probe in probes)
 
 
-def resolve_precision(name: str, device: torch.device, image_size: int, batch_size: int = 32) -> str:
+def resolve_precision(
+    name: str, device: torch.device, image_size: int, batch_size: int = 32, threads: int | None = None
+) -> str:
     """``auto``: bf16 only where the hardware has it natively and it pays: on a CPU where a measurement
     of a few training steps at ``image_size`` says so (zar.learn.autoprecision, cached per machine), on
-    a GPU from AUTO_BF16_MIN_IMAGE_SIZE."""
+    a GPU from AUTO_BF16_MIN_IMAGE_SIZE. ``threads``: the CPU threads the run will train on (default torch's now)."""
     if name != "auto":
         return name
     if not native_bf16(device):
@@ -109,7 +111,7 @@ def resolve_precision(name: str, device: torch.device, image_size: int, batch_si
     if device.type == "cpu":
         from .autoprecision import choose
 
-        return choose(image_size, batch_size)
+        return choose(image_size, batch_size, threads or torch.get_num_threads())
     return "bf16" if image_size >= AUTO_BF16_MIN_IMAGE_SIZE else "fp32"
 
 

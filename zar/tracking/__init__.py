@@ -7,13 +7,14 @@
   FAILED or KILLED, never left RUNNING; a study's or sweep's parent found or started.
 - ``store``: where runs go, checked without importing MLflow (a dead server is reported in a second).
 - ``provenance``: the code a run ran (versions, git commit), tagged and checked on resume.
+- ``views``: the runs-table views zar saves (its columns; a study's runs by architecture) and their links.
 """
 
 from __future__ import annotations
 
 import importlib
 
-SUBMODULES = ("client", "runs", "store", "provenance")
+SUBMODULES = ("client", "runs", "store", "provenance", "views")
 
 
 def __getattr__(name: str):

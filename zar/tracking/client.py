@@ -85,7 +85,7 @@ for _name in (
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def _retry_locked(fn):
+def retry_locked(fn):
     """SQLite allows one writer at a time; parallel ``zar train`` processes wait their turn."""
 
     @wraps(fn)
@@ -169,12 +169,12 @@ def experiment_name(experiment_id: str) -> str:
 
 def get_experiment_id(name: str, create: bool = True) -> str:
     c = mlflow_client()
-    exp = _retry_locked(c.get_experiment_by_name)(name)
+    exp = retry_locked(c.get_experiment_by_name)(name)
     if exp is None:
         if not create:
             raise UserError(f"no MLflow experiment named {clip(repr(name))} at {shown_uri()}; pass --experiment NAME")
         try:
-            return _retry_locked(c.create_experiment)(name)
+            return retry_locked(c.create_experiment)(name)
         except MlflowException as e:  # another process created it first
             exp = c.get_experiment_by_name(name)
             if exp is None:
@@ -214,7 +214,7 @@ def start_run(
     )
 
 
-@_retry_locked
+@retry_locked
 def log_params(run_id: str, params: dict) -> None:
     """Log params, leaving alone those already logged with the same meaning.
 
@@ -239,18 +239,18 @@ def _same(logged: str, value) -> bool:
         return False
 
 
-@_retry_locked
+@retry_locked
 def log_metrics(run_id: str, metrics: dict[str, float], step: int = 0) -> None:
     ts = int(time.time() * 1000)
     mlflow_client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
 
-@_retry_locked
+@retry_locked
 def set_tags(run_id: str, tags: dict[str, str]) -> None:
     mlflow_client().log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-@_retry_locked
+@retry_locked
 def end_run(run_id: str, status: str, error: str | None = None) -> None:
     """Close a run for good; the fluent stack is cleared too if it holds this run."""
     if error:  # a library's message may hold a URL with its password (an Optuna storage's, a server's)
@@ -324,95 +324,9 @@ def register_model(run_id: str, artifact: str, name: str, tags: dict[str, str], 
     return str(version.version)
 
 
-# The runs table hides every metric and param column until a user adds them. MLflow's UI opens a
-# view saved as the experiment tag mlflow.sharedViewState.<key> when its link names the key
-# (mlflow/server/js/src/.../useSharedExperimentViewState.ts); columns are "metrics.`key`".
+# MLflow's UI opens a runs-table view saved as the experiment tag mlflow.sharedViewState.<key> when
+# its link names the key (zar.tracking.views saves zar's).
 STUDY_VIEW_KEY = "zar"
-STUDY_COLUMNS = ("metrics.`val_acc`", "metrics.`best_val_acc`", "params.`model`", "params.`seed`")
-
-
-def study_view() -> dict:
-    """The runs table as a study is read: zar's columns, best ``val_acc`` first (sorting lists a
-    study's children as rows of their own), every other setting at MLflow's default.
-
-    Whole, because MLflow 3.1-3.14 replace their table settings with the saved ones (a partial
-    view breaks the page there); 3.15+ fill what is missing from their defaults.
-    """
-    return {
-        "selectedColumns": list(STUDY_COLUMNS),
-        "columnOrder": [],
-        "columnWidths": {},
-        "runsExpanded": {},
-        "runsPinned": [],
-        "runsHidden": [],
-        "runsVisibilityMap": {},
-        "runsHiddenMode": "FIRST_10_RUNS",
-        "viewMaximized": False,
-        "runListHidden": False,
-        "isAccordionReordered": False,
-        "useGroupedValuesInCharts": True,
-        "hideEmptyCharts": True,
-        "groupBy": None,
-        "groupsExpanded": {},
-        "autoRefreshEnabled": True,
-        "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
-        "searchFilter": "",
-        "orderByKey": STUDY_COLUMNS[0],
-        "orderByAsc": False,
-        "startTime": "ALL",
-        "lifecycleFilter": "Active",
-        "modelVersionFilter": "All Runs",
-        "datasetsFilter": [],
-    }
-
-
-def study_runs_url(experiment_id: str, study_run_id: str, base: str | None = None) -> str:
-    """The study's children alone (no parent row, no other runs), grouped by architecture, in the
-    runs table's chart view: each architecture's curves as its mean over seeds with a min-max band.
-    Opens the view ``share_study_runs_view`` saved; ``compareRunsMode`` picks the chart tab."""
-    base = (base or ui_address()).rstrip("/")
-    key = f"{STUDY_VIEW_KEY}-study-{study_run_id}"
-    return (
-        f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        f"&viewStateShareKey={key}&compareRunsMode=CHART"
-    )
-
-
-@_retry_locked
-def share_study_runs_view(experiment_id: str, study_run_id: str, group_by: list[str] = ("model",)) -> None:
-    """Save the view ``study_runs_url`` opens: ``study_view`` filtered to the study's children and
-    grouped by the params ``group_by`` (MLflow's "Group by", its charts drawing each group's mean):
-    the architecture, and an ablation's varied keys."""
-    keys = [{"mode": "param", "groupByData": key} for key in group_by]
-    view = study_view() | {
-        "searchFilter": f"tags.mlflow.parentRunId = '{study_run_id}'",
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": keys},
-        "chartsSearchFilter": "acc",  # the accuracy charts first (val_acc, train_eval_acc, ...), not A-Z
-    }
-    value = {
-        "name": f"zar: study {study_run_id[:8]}, by architecture",
-        "createdAt": int(time.time() * 1000),
-        "state": json.dumps(view),
-        **view,
-    }
-    key = f"mlflow.sharedViewState.{STUDY_VIEW_KEY}-study-{study_run_id}"
-    mlflow_client().set_experiment_tag(experiment_id, key, json.dumps(value))
-
-
-@_retry_locked
-def share_study_view(experiment_id: str) -> None:
-    """Save ``study_view`` as the experiment's shared view ``zar`` (once), which ``runs_url`` opens.
-
-    The value is MLflow 3.15+'s saved-view envelope (``name``, ``createdAt``, ``state``: the view
-    as a JSON string), listed under the table's "Views"; the view's own keys sit beside it for
-    MLflow 3.1-3.14, which read them from the top level.
-    """
-    key = f"mlflow.sharedViewState.{STUDY_VIEW_KEY}"
-    if key in mlflow_client().get_experiment(experiment_id).tags:
-        return
-    view = study_view()
-    value = {"name": "zar: study columns", "createdAt": int(time.time() * 1000), "state": json.dumps(view), **view}
-    mlflow_client().set_experiment_tag(experiment_id, key, json.dumps(value))
 
 
 # --- reading runs back ---------------------------------------------------------------------------
@@ -478,7 +392,7 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in mlflow_client().get_metric_history(run_id, key))
 
 
-@_retry_locked
+@retry_locked
 def delete_tag(run_id: str, key: str) -> None:
     mlflow_client().delete_tag(run_id, key)
 

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import psutil
 
 from ..errors import Interrupted, Pruned, TrainingFailed, describe
-from . import client
+from . import client, views
 from .client import FAILED, FINISHED, KILLED, RUNNING
 from .store import ENV_RUN_ID
 
@@ -71,7 +71,7 @@ def start(
         del os.environ[ENV_RUN_ID]
     # The runs-table link opens with zar's columns (a study's parent saves them for its children).
     if not nested:
-        client.share_study_view(run.info.experiment_id)
+        views.share_study_view(run.info.experiment_id)
     return run
 
 
