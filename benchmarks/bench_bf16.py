@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in (int(s) for s in args.sizes.split(",")):
             steps = args.steps if size < 128 else max(2, args.steps // 2)
             ms = {v: 1000 * step_time(size, args.batch, v, steps) for v in VARIANTS}
-            auto = choose(size, args.batch) if native else "fp32"
+            auto = choose(size, args.batch, threads) if native else "fp32"
             print(
                 f"| {threads} | {size} | {args.batch} | {ms['fp32']:.0f} | {ms['bf16']:.0f} | {ms['bf16-cl']:.0f} "
                 f"| {ms['fp32'] / ms['bf16-cl']:.2f}x | {auto} |",

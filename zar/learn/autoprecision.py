@@ -2,7 +2,7 @@
 
 Whether bf16 pays depends on the CPU and the thread count as much as on the image size. On a
 2-core AMD EPYC with avx512_bf16, a ResNet-34 training step at 32 px was 1.15x faster in bf16 on
-one thread and 0.94x on two (benchmarks/bench_bf16.py, issue 23); on a Xeon with AMX bf16 was
+one thread and 0.94-1.10x on two (benchmarks/bench_bf16.py, issue 23); on a Xeon with AMX bf16 was
 slower than fp32 at 32 px (issue 8). So ``auto`` times a few training steps of ResNet-34 at the
 run's image size, batch size and thread count (a study's children one thread each, ``zar train``
 alone every core) in both precisions, once per CPU model, torch version, size, batch and thread
