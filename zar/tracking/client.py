@@ -496,7 +496,17 @@ def log_model(
             [ColSpec("string", served_model.label_column(classes))] + [ColSpec("float", c) for c in classes]
         ),
     )
-    info = Model.log(
+    with warnings.catch_warnings():
+        # torch's pt2 archive warns about CPU weights it expects on another device: these are CPU weights.
+        warnings.filterwarnings("ignore", "No complete tensor found", UserWarning)
+        info = _log(Model, name, classifier, classes, step, metadata, signature, input_example, pip_requirements)
+    return info.model_id
+
+
+def _log(Model, name, classifier, classes, step, metadata, signature, input_example, pip_requirements):
+    from ..learn import served_model
+
+    return Model.log(
         None,  # artifact_path: deprecated for name
         name=name,
         flavor=_Classifier(classes),
@@ -511,7 +521,6 @@ def log_model(
         code_paths=[served_model.__file__],
         validate_serving_input=False,
     )
-    return info.model_id
 
 
 class _Classifier:
