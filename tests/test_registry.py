@@ -3,34 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 from mlflow.tracking import MlflowClient
-from test_served_model import CLIENT, raw_validation_images, serve_and_post
+from test_served_model import load_without_zar, raw_validation_images, serve_and_post
 
 from helpers import TINY, all_runs, children, epochs
-
-
-def load_without_zar(uris: list[str], images, tmp_path) -> dict:
-    """What a Python that cannot import zar gets from ``mlflow.pyfunc.load_model`` on each URI."""
-    import numpy as np
-
-    np.save(tmp_path / "images.npy", images)
-    proc = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(tmp_path / "images.npy"), *uris],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ""},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out.pop("zar_imported") == []
-    return out
 
 
 def test_study_registers_the_best_rows_best_run_with_tags_linking_back(in_study):

@@ -55,6 +55,23 @@ print(json.dumps(out))
 """
 
 
+def load_without_zar(uris: list[str], images, tmp_path) -> dict:
+    """What a Python that cannot import zar gets from MLflow's loaders on each URI (CLIENT's answer)."""
+    np.save(tmp_path / "images.npy", images)
+    proc = subprocess.run(
+        [sys.executable, "-c", CLIENT, str(tmp_path / "images.npy"), *uris],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": ""},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out.pop("zar_imported") == []
+    return out
+
+
 def raw_validation_images(image_size: int) -> tuple[np.ndarray, list[str], list[str]]:
     """The run's validation images as a user has them (pixels in [0, 1] at image_size), their class names, all names."""
     data = load_data(TrainConfig(data="synthetic", depth=18, image_size=image_size))
@@ -77,19 +94,8 @@ def test_both_models_reproduce_the_runs_val_acc_in_a_python_without_zar(store, z
     # The normalisation is a param too: a person can read what the model does to a pixel.
     mean, std = float(params["normalisation_mean"]), float(params["normalisation_std"])
     assert 0 < mean < 1 and 0 < std < 1
-    np.save(tmp_path / "images.npy", images)
     uris = logged_models(run)
-    proc = subprocess.run(
-        [sys.executable, "-c", CLIENT, str(tmp_path / "images.npy"), uris["model"], uris["best"]],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": ""},
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["zar_imported"] == []
+    out = load_without_zar([uris["model"], uris["best"]], images, tmp_path)
     history = {m.step: m.value for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")}
     for name, epoch in (("model", 2), ("best", int(metrics["best_epoch"]))):
         got = out[uris[name]]

@@ -21,8 +21,7 @@ import pgcluster
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
-from test_registry import load_without_zar
-from test_served_model import raw_validation_images
+from test_served_model import load_without_zar, raw_validation_images
 from test_train import assert_complete_run
 
 from helpers import ROOT, TINY, epochs
