@@ -59,7 +59,17 @@ def resolve(cfg: TrainConfig, threads: int | None = None) -> tuple[TrainConfig, 
     except ValueError as e:
         raise UserError(str(e)) from None
     # Runs record the precision that ran, never 'auto': they are compared by it.
-    precision = resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size, threads)
+    if cfg.precision == "auto" and distributed.active():
+        # Every rank must train in one precision (DDP checks that parameters match in layout):
+        # rank 0 measures and decides, the others take its choice.
+        mine = (
+            resolve_precision("auto", device, cfg.image_size, cfg.batch_size, threads)
+            if distributed.is_main()
+            else None
+        )
+        precision = distributed.broadcast(mine)
+    else:
+        precision = resolve_precision(cfg.precision, device, cfg.image_size, cfg.batch_size, threads)
     return cfg.replace(precision=precision), device
 
 
