@@ -9,7 +9,7 @@ from zar.learn.data import load_data
 from zar.learn.engine import Trainer
 from zar.learn.models import build_model
 
-CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu")
+CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu", precision="fp32")
 
 
 def new_trainer(data) -> Trainer:

@@ -38,7 +38,7 @@ from helpers import TINY, all_runs, epochs, runs_of
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
-CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu")
+CFG = TrainConfig(data="synthetic", depth=18, image_size=16, epochs=2, device="cpu", precision="fp32")
 NUMBERS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
