@@ -86,6 +86,7 @@ class Child:
     cfg: TrainConfig
     varied: tuple[tuple[str, Any], ...] = ()
     resume: str | None = None  # the run an interrupted attempt left, continued from its checkpoint
+    job: str | None = None  # the Slurm job an earlier attempt submitted, still queued or running it
 
     @property
     def key(self) -> tuple[str, ...]:

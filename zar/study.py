@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
 from . import ablation, parallel, tracking, training
+from . import slurm as zar_slurm
 from .ablation import Child
 from .analysis.comparison import comparison
 from .analysis.study_table import log_report, log_table
@@ -24,6 +25,7 @@ from .checks import check_study
 from .config import ROLE, RUNTIME, TrainConfig, from_dict
 from .errors import Interrupted, TrainingFailed, UserError, describe
 from .learn.data import DataBundle, data_key, load_data
+from .slurm import SlurmOptions
 from .tracking import provenance, runs, views
 
 CONTINUE_HINT = "run the same command again, or 'zar study --resume {run_id}', to continue it"
@@ -85,12 +87,14 @@ def run_study(
     vary: dict[str, list] | None = None,
     resume_run_id: str | None = None,
     until_decided: tuple[int, float] | None = None,
+    slurm: SlurmOptions | None = None,
 ) -> StudyResult:
     """Train every model with every seed (and every combination of ``vary``'s values) as children
     of one parent run, then report the table, grouped by the varied keys.
 
     ``baseline=None``: resnet when it is among ``models``, else no row is compared to another.
-    ``jobs > 1`` trains up to that many children at once, each in a process of its own. An
+    ``jobs > 1`` trains up to that many children at once, each in a process of its own; with
+    ``slurm``, each child is a Slurm job (zar.slurm) and ``jobs`` is unused. An
     unfinished study with the same settings, data and code is continued, not started again;
     ``resume_run_id`` names the study to continue (refused when its data or code changed).
     ``until_decided`` = (max seeds, margin): ``seeds`` is the first round; each round adds as many
@@ -100,9 +104,9 @@ def run_study(
     check_study(models, baseline or default_baseline(models), seeds)
     planned = planned_seeds(seeds, until_decided, vary)
     # The parent records the precision its children run at, chosen for the threads each child gets.
-    cfg, _ = training.resolve(cfg, parallel.child_threads(jobs))
+    threads = slurm.cpus if slurm else parallel.child_threads(jobs)  # each child's torch threads
+    cfg, _ = training.resolve(cfg, threads)
     # Every child's config, built and resolved now: a bad value or device fails before any run.
-    threads = parallel.child_threads(jobs)
     kids = [
         Child(k.model, training.resolve(k.cfg, threads)[0], k.varied) for k in ablation.plan(models, planned, cfg, vary)
     ]
@@ -123,11 +127,11 @@ def run_study(
     ):
         if not continued:
             tracking.log_params(run_id, _parent_params(spec, jobs))
-        train = lambda todo: _train(todo, run_id, experiment, jobs, progress, echo, data)  # noqa: E731
+        train = lambda todo: _train(todo, run_id, experiment, jobs, progress, echo, data, slurm)  # noqa: E731
         if until_decided:
             failures = _rounds(kids, spec, run_id, experiment, continued, train, echo)
         else:
-            failures = train(_continue(kids, run_id, echo) if continued else kids)
+            failures = train(_continue(kids, run_id, echo, slurm) if continued else kids)
         table = log_table(run_id, parent.info.experiment_id, models, baseline, echo, group_by=list(vary))
         if table:
             try:
@@ -203,13 +207,17 @@ def _rounds(kids: list[Child], spec: StudySpec, run_id: str, experiment: str, co
     return []
 
 
-def _train(kids, run_id, experiment, jobs, progress, echo, data) -> list[str]:
+def _train(kids, run_id, experiment, jobs, progress, echo, data, slurm=None) -> list[str]:
+    if slurm is not None:
+        return zar_slurm.train_children(kids, run_id, experiment, slurm, echo)
     if jobs > 1:
         return parallel.train_children(kids, run_id, experiment, jobs, echo)
     return _train_in_process(kids, experiment, progress, echo, data, "its study resumes it")
 
 
-def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=training.print_line) -> StudyResult:
+def resume_study(
+    run_id: str, progress: bool = True, jobs: int = 1, echo=training.print_line, slurm: SlurmOptions | None = None
+) -> StudyResult:
     """Continue the study run ``run_id`` with the settings it was started with."""
     tracking.check_reachable(create=False)  # a folder with no store has no study to continue: make none
     run = tracking.get_run(run_id)
@@ -221,8 +229,9 @@ def resume_study(run_id: str, progress: bool = True, jobs: int = 1, echo=trainin
     experiment = tracking.experiment_name(run.info.experiment_id)
     until = tuple(spec.until_decided) if spec.until_decided else None
     return run_study(
-        spec.models, spec.seeds, spec.cfg, experiment, spec.baseline, progress, echo, jobs, spec.vary, run_id, until
-    )
+        spec.models, spec.seeds, spec.cfg, experiment, spec.baseline, progress, echo, jobs, spec.vary, run_id, until,
+        slurm,
+    )  # fmt: skip
 
 
 def _parent(spec: StudySpec, experiment: str, run_name: str, resume_run_id: str | None):
@@ -248,13 +257,17 @@ def _parent(spec: StudySpec, experiment: str, run_name: str, resume_run_id: str 
     return found.run, found.was is not None
 
 
-def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
+def _continue(kids: list[Child], parent_run_id: str, echo, slurm: SlurmOptions | None = None) -> list[Child]:
     """The children still to train: each FINISHED one is kept and not trained again; an interrupted one
     with a checkpoint here is resumed; every other run of a child (none, or no checkpoint) is
-    discarded, so that each child ends with exactly one run."""
+    discarded, so that each child ends with exactly one run. Under Slurm, a child whose job an
+    earlier attempt submitted and Slurm still queues or runs is attached to, not submitted again."""
+    attached = zar_slurm.alive_jobs(parent_run_id) if slurm else {}
     runs.close_orphans(parent_run_id, tracking.KILLED)  # children whose process died with the study's
     by_key: dict[tuple, list] = {}
     for run in tracking.children(parent_run_id):
+        if run.data.tags.get(tracking.TAG_SLURM_JOB) in attached.values():
+            continue  # its job goes on
         if run.info.status == tracking.RUNNING:  # a child that outlived its study (it was killed outright)
             raise UserError(
                 f"run {run.info.run_id} of study {parent_run_id} is still training ({runs.holder(run.data.tags)}); "
@@ -263,6 +276,9 @@ def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
         by_key.setdefault(_run_key(run, kids), []).append(run)
     todo, kept = [], 0
     for kid in kids:
+        if zar_slurm.child_key(kid) in attached:
+            todo.append(replace(kid, job=attached[zar_slurm.child_key(kid)]))
+            continue
         found = sorted(by_key.pop(kid.key, []), key=lambda r: r.info.start_time or 0, reverse=True)
         done = next((r for r in found if r.info.status == tracking.FINISHED), None)
         resumable = next((r for r in found if tracking.checkpoint_path(r).exists()), None)
@@ -277,7 +293,8 @@ def _continue(kids: list[Child], parent_run_id: str, echo) -> list[Child]:
     resumed = sum(k.resume is not None for k in todo)
     echo(
         f"Continuing study run {parent_run_id}: {kept} of {len(kids)} runs finished before, "
-        f"{resumed} to resume from their checkpoints, {len(todo) - resumed} to start"
+        f"{resumed} to resume from their checkpoints, {len(todo) - resumed - len(attached)} to start"
+        + (f", {len(attached)} still in Slurm's queue or running" if attached else "")
     )
     return todo
 

@@ -111,6 +111,34 @@ def _said(registered) -> None:
     "there are several; the CPU cores split between them).",
 )
 @click.option(
+    "--launcher",
+    type=click.Choice(["local", "slurm"]),
+    default="local",
+    show_default=True,
+    help="Where the children train: processes on this machine (--jobs at once), or a Slurm job each "
+    "(submitit; --jobs caps the jobs queued or running, all at once when not given).",
+)
+@click.option(
+    "--slurm",
+    "slurm_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="With --launcher slurm: partition, time (minutes), cpus_per_task, gpus_per_task, mem_gb, account, qos, "
+    "logs (a folder every node reaches), or sbatch.FLAG=VALUE for any other sbatch flag.",
+)
+@click.option(
+    "--slurm-config",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="With --launcher slurm: a YAML file of the --slurm keys (sbatch: a mapping of other flags); --slurm wins.",
+)
+@click.option(
+    "--keep-jobs",
+    is_flag=True,
+    help="With --launcher slurm: on Ctrl-C leave the jobs running (the same command again attaches to them) "
+    "rather than cancel them.",
+)
+@click.option(
     "--resume",
     "resume_run",
     metavar="RUN_ID",
@@ -150,6 +178,10 @@ def study(
     baseline,
     vary_specs,
     jobs,
+    launcher,
+    slurm_pairs,
+    slurm_config,
+    keep_jobs,
     resume_run,
     until_decided,
     max_seeds,
@@ -164,6 +196,7 @@ def study(
     as a child of one parent run, which keeps the table and charts. Interrupted, it continues when
     the same command runs again: finished runs are kept, the others resumed from their checkpoints.
     """
+    slurm = _slurm_options(ctx, launcher, slurm_pairs, slurm_config, keep_jobs, jobs)
     if resume_run:
         names = ("models", "seeds", "baseline", "vary_specs", "until_decided", "max_seeds", "margin")
         given = [name for name in names if _given(ctx, name)]
@@ -176,7 +209,7 @@ def study(
         probe_server()
         from ..study import resume_study
 
-        result = resume_study(resume_run, progress=not no_progress, jobs=jobs)
+        result = resume_study(resume_run, progress=not no_progress, jobs=jobs, slurm=slurm)
         _study_done(result, register)
         return
     cfg = cfg_loader()
@@ -197,9 +230,31 @@ def study(
     from ..study import run_study
 
     result = run_study(
-        models, seeds, cfg, experiment, baseline, progress=not no_progress, jobs=jobs, vary=vary, until_decided=until
+        models,
+        seeds,
+        cfg,
+        experiment,
+        baseline,
+        progress=not no_progress,
+        jobs=jobs,
+        vary=vary,
+        until_decided=until,
+        slurm=slurm,
     )
     _study_done(result, register)
+
+
+def _slurm_options(ctx, launcher, pairs, config_file, keep_jobs, jobs):
+    """The Slurm launcher's settings, or None for local processes; Slurm's options without it are refused."""
+    if launcher != "slurm":
+        stray = [name for name in ("slurm_pairs", "slurm_config", "keep_jobs") if _given(ctx, name)]
+        if stray:
+            flags = ", ".join("--" + n.replace("_pairs", "").replace("_", "-") for n in stray)
+            raise click.UsageError(f"{flags} go with --launcher slurm")
+        return None
+    from ..slurm import parse_options
+
+    return parse_options(pairs, config_file, jobs if _given(ctx, "jobs") else None, keep_jobs)
 
 
 def _study_done(result, register: str | None) -> None:

@@ -47,6 +47,7 @@ TAG_CHECKPOINT = "zar.checkpoint"
 TAG_PID = "zar.pid"
 TAG_HOST = "zar.host"
 TAG_PROC_START = "zar.process_start"
+TAG_SLURM_JOB = "zar.slurm_job"  # the Slurm job that trains the run, where one does
 TAG_STUDY = "zar.study"
 TAG_STUDY_KEY = "zar.study_key"  # the study's settings, data and code, hashed: the same command again continues it
 TAG_STUDY_SPEC = "zar.study_spec"  # those settings as JSON: what 'zar study --resume' runs again

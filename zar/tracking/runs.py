@@ -228,11 +228,14 @@ def fail_env_run(reason: str) -> None:
 def process_tags() -> dict[str, str]:
     """Who is running this run: lets ``zar runs --stale`` tell a dead process from a live one."""
     proc = psutil.Process()
-    return {
+    tags = {
         client.TAG_PID: str(proc.pid),
         client.TAG_HOST: socket.gethostname(),
         client.TAG_PROC_START: f"{proc.create_time():.2f}",
     }
+    if os.environ.get("SLURM_JOB_ID"):  # zar study --launcher slurm finds its children's runs by it
+        tags[client.TAG_SLURM_JOB] = os.environ["SLURM_JOB_ID"]
+    return tags
 
 
 def holder(tags: dict[str, str]) -> str:
