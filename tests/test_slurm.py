@@ -173,3 +173,27 @@ def test_keep_jobs_leaves_them_running_and_the_same_command_attaches(on_slurm):
     assert not set(job_ids(again.stdout)) & set(first)  # not submitted twice
     kids = children(parent_run().info.run_id)
     assert len(kids) == 4 and all(r.info.status == "FINISHED" for r in kids)
+
+
+@pytest.mark.slow
+def test_a_sweep_through_slurm_runs_its_trials_in_worker_jobs_and_its_seeds_as_jobs(on_slurm, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {log_uniform: [1.0e-4, 1.0e-2]}\n")
+    args = ["sweep", "--models", "resnet", "--space", str(space), "--trials", "3", "--seeds", "1,2", *epochs(2)]
+    swept = zar_subprocess(*args, "--launcher", "slurm", "--jobs", "2")
+    output = swept.stdout + swept.stderr
+    assert swept.returncode == 0, output
+    assert output.count("Joining sweep run") == 2  # two worker jobs joined the sweep this process holds
+    ids = job_ids(output)
+    assert {"sweep worker 1", "sweep worker 2"} <= set(ids), ids
+    assert len([k for k in ids if re.fullmatch(r"resnet best \(trial \d+\) seed [12]", k)]) == 2, ids
+    (parent,) = [r for r in runs_of() if r.data.tags.get("zar.sweep") == "1"]
+    kids = children(parent.info.run_id)
+    trials = [r for r in kids if "zar.trial" in r.data.tags]
+    reruns = [r for r in kids if "zar.rerun_of" in r.data.tags]
+    assert len(trials) == 3 and len(reruns) == 2
+    assert all(r.data.tags.get("zar.slurm_job") in ids.values() for r in kids)  # every run trained in a job
+    assert all(r.info.status == "FINISHED" for r in reruns)
+    assert sorted(r.data.params["seed"] for r in reruns) == ["1", "2"]
+    assert parent.info.status == "FINISHED"
+    assert len([line for line in table(swept.stdout) if line.startswith("| ResNet-18")]) == 2  # best trial; seeds

@@ -155,9 +155,20 @@ def alive_jobs(parent_run_id: str) -> dict[str, str]:
     return {key: job for key, job in recorded.items() if found.get(job, "UNKNOWN") in ALIVE}
 
 
+@dataclass(frozen=True)
+class Task:
+    """One Slurm job to run: a zar command, and how the parent's ``zar.slurm_jobs`` names it."""
+
+    label: str  # how messages name it: "se seed 2", "sweep worker 1"
+    key: str
+    command: list[str]
+    job: str | None = None  # the job an earlier attempt submitted for it, still queued or running
+    by_job: bool = False  # ends well when its job completes (a sweep worker), not when its run finishes
+
+
 @dataclass
 class _Live:
-    child: Child
+    task: Task
     job: object  # submitit.SlurmJob
     log_offset: int = 0
     last_error: str | None = None
@@ -168,6 +179,12 @@ class _Live:
         return state not in ALIVE and (state != "UNKNOWN" or time.monotonic() - self.since > UNKNOWN_GRACE_S)
 
 
+def jobs_folder(options: SlurmOptions, parent_run_id: str) -> Path:
+    folder = options.logs / parent_run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def train_children(
     children: list[Child],
     parent_run_id: str,
@@ -176,32 +193,40 @@ def train_children(
     echo: Callable[[str], None],
 ) -> list[str]:
     """Each child a Slurm job (or the job already running it: ``child.job``); returns the failures."""
+    folder = jobs_folder(options, parent_run_id)
+    tasks = [
+        Task(c.label, child_key(c), [] if c.job else _command(c, folder, parent_run_id, experiment, options), c.job)
+        for c in children
+    ]
+    return run_jobs(tasks, parent_run_id, options, echo)
+
+
+def run_jobs(tasks: list[Task], parent_run_id: str, options: SlurmOptions, echo: Callable[[str], None]) -> list[str]:
+    """Each task a Slurm job, up to ``options.max_jobs`` at once, its output echoed as it comes; the failures."""
     import submitit
 
-    folder = options.logs / parent_run_id
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = jobs_folder(options, parent_run_id)
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster="slurm")
-    queue = list(children)
+    queue = list(tasks)
     live: list[_Live] = []
     failures: list[str] = []
     jobs = recorded_jobs(parent_run_id)
-    cap = options.max_jobs or len(children) or 1
+    cap = options.max_jobs or len(tasks) or 1
     checked = time.monotonic()
     try:
         while queue or live:
             while queue and len(live) < cap:
-                child = queue.pop(0)
-                if child.job:
-                    job = submitit.SlurmJob(folder=folder / "%j", job_id=child.job)
-                    echo(f"[{child.label}] attached to Slurm job {child.job}, submitted by an earlier attempt")
+                task = queue.pop(0)
+                if task.job:
+                    job = submitit.SlurmJob(folder=folder / "%j", job_id=task.job)
+                    echo(f"[{task.label}] attached to Slurm job {task.job}, submitted by an earlier attempt")
                 else:
-                    executor.update_parameters(**options.executor_parameters(f"zar {child.label}"))
-                    command = _command(child, folder, parent_run_id, experiment, options)
-                    job = executor.submit(submitit.helpers.CommandFunction(command, cwd=os.getcwd()))
-                    jobs[child_key(child)] = str(job.job_id)
+                    executor.update_parameters(**options.executor_parameters(f"zar {task.label}"))
+                    job = executor.submit(submitit.helpers.CommandFunction(task.command, cwd=os.getcwd()))
+                    jobs[task.key] = str(job.job_id)
                     tracking.set_tags(parent_run_id, {TAG_JOBS: json.dumps(jobs, sort_keys=True)})
-                    echo(f"[{child.label}] submitted as Slurm job {job.job_id}")
-                live.append(_Live(child, job))
+                    echo(f"[{task.label}] submitted as Slurm job {job.job_id}")
+                live.append(_Live(task, job))
             time.sleep(1.0)
             # A job that returned leaves its result file; one that Slurm ended shows in sacct (every 5 s).
             ended = {id(e) for e in live if Path(e.job.paths.result_pickle).exists()}
@@ -228,21 +253,23 @@ def train_children(
     return failures
 
 
-def _command(child: Child, folder: Path, parent_run_id: str, experiment: str, options: SlurmOptions) -> list[str]:
-    """The child's ``zar train``, as a --jobs child runs it, with the threads its job has.
+def zar_command(*args: str, threads: int) -> list[str]:
+    """``python -m zar ARGS`` as a job runs it, with ``threads`` torch threads.
 
     Through ``env``: the job inherits the submitting shell's environment (sbatch's default), less
-    the parent's run id; nothing of it is written into the job's files."""
-    threads = f"OMP_NUM_THREADS={options.cpus}"
-    env = ["env", "-u", runs.ENV_RUN_ID, "-u", THREADS_FILE, threads]
-    zar = [*env, sys.executable, "-m", "zar", "train", "--no-progress"]
+    the parent's run id; nothing of it (a password in a URI) is written into the job's files."""
+    env = ["env", "-u", runs.ENV_RUN_ID, "-u", THREADS_FILE, f"OMP_NUM_THREADS={threads}"]
+    return [*env, sys.executable, "-m", "zar", *args]
+
+
+def _command(child: Child, folder: Path, parent_run_id: str, experiment: str, options: SlurmOptions) -> list[str]:
+    """The child's ``zar train``, as a --jobs child runs it."""
     if child.resume:
-        return [*zar, "--resume", child.resume]
+        return zar_command("train", "--no-progress", "--resume", child.resume, threads=options.cpus)
     params = folder / f"{child_key(child).replace('/', '-')}.yaml"
     params.write_text(to_yaml(child.cfg))
-    return [*zar, "--model", child.model, "--params", str(params)] + [
-        *("--experiment", experiment, "--parent-run", parent_run_id)
-    ]
+    args = ["train", "--no-progress", "--model", child.model, "--params", str(params)]
+    return zar_command(*args, "--experiment", experiment, "--parent-run", parent_run_id, threads=options.cpus)
 
 
 def _echo_new_lines(entry: _Live, echo) -> None:
@@ -260,23 +287,26 @@ def _echo_new_lines(entry: _Live, echo) -> None:
             continue  # submitit's own bookkeeping
         if line.startswith("Error: "):
             entry.last_error = line[len("Error: ") :]
-        echo(f"[{entry.child.label}] {line}")
+        echo(f"[{entry.task.label}] {line}")
 
 
 def _ended(entry: _Live, parent_run_id: str, echo) -> str | None:
-    """A job that ended: None if its child's run finished, else the failure; its run is never left RUNNING."""
-    job_id = str(entry.job.job_id)
+    """A job that ended: None if it did its part, else the failure; its runs are never left RUNNING."""
+    job_id, task = str(entry.job.job_id), entry.task
     found = _runs_of(parent_run_id, job_id)
-    if found and all(r.info.status == tracking.FINISHED for r in found):
+    if not task.by_job and found and all(r.info.status == tracking.FINISHED for r in found):
         return None
     state = _final_state(job_id)
+    if task.by_job and state == "COMPLETED":
+        return None
     for run in found:
-        tracking.set_tags(run.info.run_id, {TAG_STATE: state})
+        if run.info.status != tracking.FINISHED:
+            tracking.set_tags(run.info.run_id, {TAG_STATE: state})
         if run.info.status == tracking.RUNNING:
             tracking.end_run(run.info.run_id, tracking.FAILED, f"its Slurm job {job_id} ended {state}")
     message = entry.last_error or f"Slurm job {job_id} ended {state}"
-    echo(f"{entry.child.label} failed: {message}")
-    return f"{entry.child.label}: {message}"
+    echo(f"{task.label} failed: {message}")
+    return f"{task.label}: {message}"
 
 
 def _final_state(job_id: str, timeout: float = 30.0) -> str:

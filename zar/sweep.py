@@ -141,10 +141,12 @@ def run_sweep(
     storage: str | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = training.print_line,
+    launcher=None,
 ) -> SweepResult:
     """Search, then report the best trial per architecture; with ``spec.seeds``, train each best
     configuration again with those seeds and report their mean ± std. A sweep where an architecture
-    has no finished trial fails, once its table is out."""
+    has no finished trial fails, once its table is out. ``launcher`` (zar.sweep_slurm) runs the
+    trials and reruns elsewhere: its ``search(s)`` and ``rerun_best(s, best)`` replace this process's."""
     check_method(spec.method, spec.space, spec.models, spec.trials)
     cfg, _ = training.resolve(spec.cfg)
     url = absolute_storage(storage or default_storage())
@@ -171,8 +173,8 @@ def run_sweep(
             _fail_stale(s, study)
         # Runs whose process on this machine died (a --seeds run); not those of another machine's workers.
         runs.close_orphans(run_id, tracking.FAILED, elsewhere_alive=True)
-        failures = _search(s)
-        while _wait_for_workers(s):  # a trial whose worker died meanwhile frees its place: this process takes it
+        failures = launcher.search(s) if launcher else _search(s)
+        while wait_for_workers(s) and not launcher:  # a dead worker's trial is free again: this process takes it
             failures += _search(s)
         best = trials.fetch_best(spec.experiment, run_id)
         trials.log(run_id, best)
@@ -180,7 +182,7 @@ def run_sweep(
         echo(trials.render(best, "markdown"))
         reruns = None
         if spec.seeds:
-            failures += _rerun_best(s, best)
+            failures += launcher.rerun_best(s, best) if launcher else _rerun_best(s, best)
             reruns = _report_reruns(spec, run_id, echo)
         _check_finished(best, failures)
     return SweepResult(run_id, parent.info.experiment_id, best, reruns, failures)
@@ -312,7 +314,7 @@ def _worker(trial) -> str:
     return f"pid {trial.user_attrs.get(tracking.TAG_PID, '?')} on {trial.user_attrs.get(tracking.TAG_HOST, '?')}"
 
 
-def _counts(trial) -> bool:
+def counts(trial) -> bool:
     """Whether a trial takes one of the sweep's places: all but those interrupted, stale or surplus."""
     return trial.state in COUNTED or (trial.state == TrialState.FAIL and FAILED_ATTR in trial.user_attrs)
 
@@ -369,7 +371,7 @@ def _next_trial(study: optuna.Study, n: int, points: list[dict] | None = None, s
     study from inside ``tell``.
     """
     while True:
-        counted = [t for t in study.get_trials(deepcopy=False) if _counts(t)]
+        counted = [t for t in study.get_trials(deepcopy=False) if counts(t)]
         if len(counted) >= n:
             return None
         if points is not None:
@@ -381,7 +383,7 @@ def _next_trial(study: optuna.Study, n: int, points: list[dict] | None = None, s
                 storage.record_heartbeat(_trial_id(storage, study, trial.number))
             for key, value in runs.process_tags().items():
                 trial.set_user_attr(key, value)
-            ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and _counts(t)]
+            ahead = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and counts(t)]
             if len(ahead) >= n:  # another process took the last place meanwhile
                 study.tell(trial, state=TrialState.FAIL)
                 return None
@@ -448,7 +450,7 @@ def _search(s: Search) -> list[str]:
             return failures
 
 
-def _wait_for_workers(s: Search, poll_s: float = 2.0) -> bool:
+def wait_for_workers(s: Search, poll_s: float = 2.0) -> bool:
     """Until no trial is RUNNING (the best trial is chosen from all of them); whether there was one."""
     waited = False
     while True:

@@ -26,6 +26,45 @@ from .output import ui_hint
 DEFAULT_BASELINE = "resnet"  # zar.analysis.table's, which loads MLflow
 
 
+def launcher_options(f):
+    """--launcher and the Slurm launcher's settings, for zar study (its children) and zar sweep (workers, reruns)."""
+    for option in reversed(
+        [
+            click.option(
+                "--launcher",
+                type=click.Choice(["local", "slurm"]),
+                default="local",
+                show_default=True,
+                help="Where runs train: this machine, or a Slurm job each (submitit); with slurm, --jobs caps "
+                "the jobs queued or running at once (a study: all at once when not given; a sweep: its workers).",
+            ),
+            click.option(
+                "--slurm",
+                "slurm_pairs",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="With --launcher slurm: partition, time (minutes), cpus_per_task, gpus_per_task, mem_gb, "
+                "account, qos, logs (a folder every node reaches), or sbatch.FLAG=VALUE for any other sbatch flag.",
+            ),
+            click.option(
+                "--slurm-config",
+                type=click.Path(dir_okay=False),
+                metavar="FILE",
+                help="With --launcher slurm: a YAML file of the --slurm keys (sbatch: a mapping of other flags); "
+                "--slurm wins.",
+            ),
+            click.option(
+                "--keep-jobs",
+                is_flag=True,
+                help="With --launcher slurm: on Ctrl-C leave the jobs running (the same command again attaches to "
+                "them) rather than cancel them.",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
 @click.command()
 @click.option("--model", "model_name", help=f"Architecture: {', '.join(VARIANTS)}.  [default: resnet]")
 @config_options
@@ -42,9 +81,17 @@ DEFAULT_BASELINE = "resnet"  # zar.analysis.table's, which loads MLflow
     hidden=True,
     help="Train as a child of this study run (how 'zar study --jobs' starts its children).",
 )
+@click.option(
+    "--tag",
+    "tag_pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    hidden=True,
+    help="A tag on the new run (how a sweep's --seeds runs on Slurm say which trial they train again).",
+)
 @register_option("the run's last-epoch model")
 @no_progress_option
-def train(model_name, cfg_loader, experiment, resume_run, parent_run, register, no_progress):
+def train(model_name, cfg_loader, experiment, resume_run, parent_run, tag_pairs, register, no_progress):
     """Train one architecture and record the run in MLflow."""
     if resume_run:
         ignored = cfg_loader.given + (["model"] if model_name else [])
@@ -65,7 +112,10 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, register, 
         if resume_run:
             result = training.resume(resume_run, progress=not no_progress)
         else:
-            result = training.train(model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run)
+            tags = dict(pair.partition("=")[::2] for pair in tag_pairs)
+            result = training.train(
+                model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run, tags=tags or None
+            )
     finally:
         close()  # under torchrun: leave the process group
     if result is not None:  # None: a torchrun rank other than 0, which records nothing
@@ -110,34 +160,7 @@ def _said(registered) -> None:
     help="Train up to this many children at once, each in its own process (one GPU each where "
     "there are several; the CPU cores split between them).",
 )
-@click.option(
-    "--launcher",
-    type=click.Choice(["local", "slurm"]),
-    default="local",
-    show_default=True,
-    help="Where the children train: processes on this machine (--jobs at once), or a Slurm job each "
-    "(submitit; --jobs caps the jobs queued or running, all at once when not given).",
-)
-@click.option(
-    "--slurm",
-    "slurm_pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="With --launcher slurm: partition, time (minutes), cpus_per_task, gpus_per_task, mem_gb, account, qos, "
-    "logs (a folder every node reaches), or sbatch.FLAG=VALUE for any other sbatch flag.",
-)
-@click.option(
-    "--slurm-config",
-    type=click.Path(dir_okay=False),
-    metavar="FILE",
-    help="With --launcher slurm: a YAML file of the --slurm keys (sbatch: a mapping of other flags); --slurm wins.",
-)
-@click.option(
-    "--keep-jobs",
-    is_flag=True,
-    help="With --launcher slurm: on Ctrl-C leave the jobs running (the same command again attaches to them) "
-    "rather than cancel them.",
-)
+@launcher_options
 @click.option(
     "--resume",
     "resume_run",
@@ -310,8 +333,9 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
 @click.option(
     "--storage",
     metavar="URL",
-    help="Optuna storage (sqlite:///..., postgresql://...) shared by workers.  [default: optuna.db beside "
-    "MLflow's SQLite store]",
+    envvar="ZAR_OPTUNA_STORAGE",
+    help="Optuna storage (sqlite:///..., postgresql://...) shared by workers; or $ZAR_OPTUNA_STORAGE.  "
+    "[default: optuna.db beside MLflow's SQLite store]",
 )
 @click.option(
     "--startup-trials",
@@ -320,10 +344,36 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
     show_default=True,
     help="Trials per architecture that always run to the end before the median pruner may stop one.",
 )
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --launcher slurm: workers (Slurm jobs) taking trials at once; and --seeds runs queued at once.",
+)
+@launcher_options
 @config_options
 @experiment_option
 @no_progress_option
-def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cfg_loader, experiment, no_progress):
+@click.pass_context
+def sweep(
+    ctx,
+    models,
+    space_file,
+    trials,
+    method,
+    seeds,
+    storage,
+    startup_trials,
+    jobs,
+    launcher,
+    slurm_pairs,
+    slurm_config,
+    keep_jobs,
+    cfg_loader,
+    experiment,
+    no_progress,
+):
     """Search hyperparameters with the same budget for every architecture (Optuna).
 
     One Optuna study per architecture over the same space and number of trials; each trial is a
@@ -348,8 +398,17 @@ def sweep(models, space_file, trials, method, seeds, storage, startup_trials, cf
     from .. import tracking
     from ..sweep import SweepSpec, run_sweep
 
+    slurm = _slurm_options(ctx, launcher, slurm_pairs, slurm_config, keep_jobs, jobs)
+    if slurm is None and _given(ctx, "jobs"):
+        raise click.UsageError("--jobs goes with --launcher slurm (other workers: the same command elsewhere)")
     spec = SweepSpec(models, space, trials, cfg, method, seeds or [], startup_trials, experiment)
-    result = run_sweep(spec, storage, progress=not no_progress)
+    on_slurm = None
+    if slurm is not None:
+        from ..sweep import absolute_storage, default_storage
+        from ..sweep_slurm import SlurmLauncher
+
+        on_slurm = SlurmLauncher(slurm, absolute_storage(storage or default_storage()))
+    result = run_sweep(spec, storage, progress=not no_progress, launcher=on_slurm)
     click.echo(f"\nSweep run: {tracking.runs_url(result.experiment_id, result.run_id)}")
     click.echo(f"All runs:  {tracking.runs_url(result.experiment_id)}{ui_hint()}")
     if result.failures:
