@@ -7,9 +7,7 @@ measured together are not):
    against `python benchmarks/plain_loop.py --epochs E` (torchvision resnet34, AdamW defaults,
    fp32, no tracking). Target: zar at least 1.4x the plain loop.
 2. Overhead: one in-process `zar.training.train` with timers around every tracking, checkpoint and
-   result-logging call, apart for the training thread and the background thread that writes each
-   epoch's checkpoint and metrics. Target: what checkpoints cost the training thread (copying the
-   state, waiting for the last write) at most 2% of the run's wall time.
+   result-logging call. Target: tracking and checkpoints at most 2% of the run's wall time.
 
     python benchmarks/bench_train.py --epochs 3 --repeat 2 --overhead-epochs 10
 """
@@ -23,7 +21,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -70,7 +67,7 @@ def whole_process(epochs: int, repeat: int, extra: list[str]) -> tuple[float, fl
 
 # What counts as tracking and checkpoint overhead: every call that talks to MLflow or writes state.
 OVERHEAD = {
-    ("zar.tracking", ""): [
+    "zar.tracking": [
         "check_reachable",
         "get_experiment_id",
         "start_run",
@@ -79,11 +76,8 @@ OVERHEAD = {
         "log_metrics",
         "end_run",
     ],
-    ("zar.recording", ""): ["snapshot", "save_checkpoint", "log_datasets", "log_results"],
-    ("zar.recording", "EpochWriter"): ["wait"],  # the training thread waiting for the last epoch's write
+    "zar.recording": ["save_checkpoint", "log_datasets", "log_results"],
 }
-CHECKPOINTS = ("zar.recording.snapshot", "zar.recording.EpochWriter.wait")  # their cost to the training thread
-BACKGROUND = " (background thread)"
 
 
 def overhead(epochs: int, extra: dict) -> tuple[float, dict[str, float], float]:
@@ -91,12 +85,10 @@ def overhead(epochs: int, extra: dict) -> tuple[float, dict[str, float], float]:
     import importlib
 
     spent: dict[str, float] = defaultdict(float)
-    for (module_name, class_name), names in OVERHEAD.items():
-        owner = importlib.import_module(module_name)
-        owner = getattr(owner, class_name) if class_name else owner
-        prefix = ".".join(filter(None, (module_name, class_name)))
+    for module_name, names in OVERHEAD.items():
+        module = importlib.import_module(module_name)
         for name in names:
-            setattr(owner, name, _stopwatch(getattr(owner, name), f"{prefix}.{name}", spent))
+            setattr(module, name, _stopwatch(getattr(module, name), f"{module_name}.{name}", spent))
     from zar import training
     from zar.config import load_config
 
@@ -117,8 +109,7 @@ def _stopwatch(fn, label: str, spent: dict):
         try:
             return fn(*args, **kwargs)
         finally:
-            where = "" if threading.current_thread() is threading.main_thread() else BACKGROUND
-            spent[label + where] += time.perf_counter() - start
+            spent[label] += time.perf_counter() - start
 
     return wrapper
 
@@ -157,17 +148,11 @@ def main() -> None:
         print("| call | total (s) | share of wall |\n| --- | ---: | ---: |")
         for label, seconds in sorted(spent.items(), key=lambda kv: -kv[1]):
             print(f"| `{label}` | {seconds:.2f} | {100 * seconds / wall:.2f}% |")
-        checkpoints = sum(spent.get(label, 0.0) for label in CHECKPOINTS)
-        training_thread = sum(v for k, v in spent.items() if not k.endswith(BACKGROUND))
+        total = sum(spent.values())
         print(
-            "\nWrites marked (background thread) overlap the next epoch's training; the training thread\n"
-            "pays for a checkpoint only in `snapshot` (copying the state) and `EpochWriter.wait`.\n"
+            f"\nratio tracking+checkpoint overhead / wall: {100 * total / wall:.2f}%  "
+            f"(target <= 2%: {'met' if total / wall <= 0.02 else 'not met'})"
         )
-        print(
-            f"ratio checkpoint overhead (training thread) / wall: {100 * checkpoints / wall:.2f}%  "
-            f"(target <= 2%: {'met' if checkpoints / wall <= 0.02 else 'not met'})"
-        )
-        print(f"ratio all tracking, checkpoints and results (training thread) / wall: {100 * training_thread / wall:.2f}%")
 
 
 if __name__ == "__main__":

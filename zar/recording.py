@@ -4,11 +4,6 @@ A ``Recorder`` is made once its run exists, and owns what belongs to that run: i
 checkpoint, the per-epoch metrics (each epoch checkpointed first, then logged), and at the end
 the summary, confusion matrix, report, curves and the two models. zar.training decides when
 each happens; the engine that trains knows nothing of any of it.
-
-An epoch's checkpoint and metrics are written by one background thread while the next epoch
-trains: the training thread only copies the state (tens of milliseconds for a ResNet-34) where
-writing and syncing its 255 MB took 9% of a 10-epoch run. Writes stay in order, one at a time;
-the next epoch's waits for the last, and ``flush`` waits for it whatever ends the loop.
 """
 
 from __future__ import annotations
@@ -17,9 +12,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,32 +45,6 @@ class Prepared:
     data: DataBundle
 
 
-class EpochWriter:
-    """Each epoch's checkpoint, then its metrics, written on a thread of its own while the next epoch trains.
-
-    One write at a time, in order. The state is copied into the buffers of the last copy: fresh
-    ones cost 0.3 s an epoch in page faults for a ResNet-34's 255 MB. So the next copy waits for
-    the last write; a write that failed raises in the training thread then, or at ``wait``.
-    """
-
-    def __init__(self) -> None:
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
-        self._copy: dict | None = None
-
-    def write(self, state: dict, then_log: Callable[[dict], None]) -> None:
-        self.wait()
-        self._copy = snapshot(state, self._copy)
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="zar-checkpoint")
-        self._pending = self._pool.submit(then_log, self._copy)
-
-    def wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
-
 @dataclass(frozen=True)
 class Recorder:
     """One training run in MLflow, from the moment it exists."""
@@ -86,7 +53,6 @@ class Recorder:
     experiment_id: str
     artifact_uri: str
     ckpt: Path
-    writes: EpochWriter = field(default_factory=EpochWriter, compare=False, repr=False)
 
     @classmethod
     def of(cls, run) -> Recorder:
@@ -142,60 +108,24 @@ class Recorder:
                 tracking.log_metrics(self.run_id, result.metrics(), step=result.epoch)
 
     def epoch(self, prepared: Prepared, trainer: Trainer, result: EpochResult) -> None:
-        """Checkpoint, then log, in the background: a run that dies between the two is resumed with
-        the epoch logged then. The state is copied now, as training goes on changing it in place;
-        not the best epoch's weights, which training replaces rather than changes."""
-        state = {**trainer.state_dict(), "config": prepared.cfg.to_dict(), "model_name": prepared.model_name}
-        best = state.pop("best_state")
-        metrics, step = result.metrics(), result.epoch
-
-        def write(copied: dict) -> None:
-            save_checkpoint(self.ckpt, {**copied, "best_state": best})
-            tracking.log_metrics(self.run_id, metrics, step=step)
-
-        self.writes.write(state, write)
-
-    def flush(self) -> None:
-        """Wait for the last epoch's checkpoint and metrics; raise if writing them failed."""
-        self.writes.wait()
+        """Checkpoint, then log: a run that dies between the two is resumed with the epoch logged then."""
+        save_checkpoint(
+            self.ckpt, {**trainer.state_dict(), "config": prepared.cfg.to_dict(), "model_name": prepared.model_name}
+        )
+        tracking.log_metrics(self.run_id, result.metrics(), step=result.epoch)
 
     def finish(self, prepared: Prepared, trainer: Trainer) -> dict[str, float]:
-        """The summary metrics and results (while the last epoch's checkpoint is written); then the
-        checkpoint goes, as the logged model supersedes it."""
-        try:
-            summary = trainer.summary()
-            tracking.log_metrics(self.run_id, summary)
-            log_results(prepared, trainer, self.run_id)
-        except BaseException:  # the checkpoint to resume from is whole before the run is closed
-            with contextlib.suppress(Exception):
-                self.flush()
-            raise
-        self.flush()
+        """The summary metrics and results; then the checkpoint goes, as the logged model supersedes it."""
+        summary = trainer.summary()
+        tracking.log_metrics(self.run_id, summary)
+        log_results(prepared, trainer, self.run_id)
         self.drop_checkpoint()
         return summary
 
     def drop_checkpoint(self) -> None:
-        with contextlib.suppress(Exception):  # a write still under way would put the file back
-            self.flush()
         with contextlib.suppress(OSError):
             self.ckpt.unlink()
             self.ckpt.parent.rmdir()
-
-
-def snapshot(state, reuse=None):
-    """A copy of a state dict's tensors on the CPU, safe to write while training changes the
-    originals; into ``reuse``'s tensors (an earlier copy) where their shapes match."""
-    if isinstance(state, torch.Tensor):
-        if isinstance(reuse, torch.Tensor) and reuse.shape == state.shape and reuse.dtype == state.dtype:
-            return reuse.copy_(state.detach())
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        reuse = reuse if isinstance(reuse, dict) else {}
-        return {k: snapshot(v, reuse.get(k)) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else [None] * len(state)
-        return type(state)(snapshot(v, r) for v, r in zip(state, reuse))
-    return state
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
