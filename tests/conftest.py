@@ -7,6 +7,9 @@ import os
 # Tiny models gain nothing from two threads, and tests that start several processes oversubscribe
 # the cores; set before torch loads, and inherited by every subprocess a test starts.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# A checkpoint every epoch, as tests that resume from a given epoch expect; tests/test_reliability.py
+# checks the default budget (2% of a run's time), where a killed run resumes from an older epoch.
+os.environ.setdefault("ZAR_CHECKPOINT_BUDGET", "1")
 import shutil
 import subprocess
 import sys

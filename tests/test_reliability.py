@@ -40,44 +40,55 @@ def logged(epoch: int, timeout: float = 60) -> None:
     raise TimeoutError(f"epoch {epoch} not logged after {timeout} s")
 
 
-def start_and_signal(sig, after_epoch=2, extra=()):
-    """Start `zar train` for SIGNALLED epochs; send `sig` once epoch after_epoch is checkpointed and logged."""
+def start_and_signal(sig, after_epoch=2, extra=(), budget="1", keep_epoch=None):
+    """Start `zar train` for SIGNALLED epochs; send `sig` once epoch after_epoch is logged.
+    ``budget``: ZAR_CHECKPOINT_BUDGET, the share of the run's time checkpoints may take (1: every epoch).
+    ``keep_epoch``: once that epoch is logged, its checkpoint is copied and put back after the signal,
+    as a run killed outright between two checkpoints leaves it: older than what MLflow shows."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "zar", "train", *epochs(SIGNALLED), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=default_sigint,  # as a terminal's foreground job gets it, even when pytest runs in the background
+        env={**os.environ, "ZAR_CHECKPOINT_BUDGET": budget},
     )
-    lines = []
+    lines, kept = [], None
     for line in proc.stdout:
         lines.append(line)
+        if keep_epoch and line.startswith(f"epoch {keep_epoch:>3}/{SIGNALLED}"):
+            logged(keep_epoch)  # with a budget of 1, its checkpoint was written before it was logged
+            ckpt = Path(runs()[0].data.tags["zar.checkpoint"])
+            kept = (ckpt, ckpt.read_bytes())
         if line.startswith(f"epoch {after_epoch:>3}/{SIGNALLED}"):
-            logged(after_epoch)  # its checkpoint is on disk: it is written while the next epoch trains
+            logged(after_epoch)
             proc.send_signal(sig)
             break
     out, _ = proc.communicate(timeout=120)
+    if kept:
+        kept[0].write_bytes(kept[1])
     return proc.returncode, "".join(lines) + out
 
 
-def checkpointed(run) -> int:
-    """The epoch a stopped run's checkpoint holds. Checkpoint, then log: MLflow shows every epoch up to
-    it, or (killed between the two) all but that one, which resume logs."""
+def checkpointed(run) -> tuple[int, list[int]]:
+    """The epoch a stopped run's checkpoint holds, and the epochs MLflow shows: every one from 1, the
+    checkpoint's among them (a run killed outright may show more: resume trains those again)."""
     epoch = torch.load(run.data.tags["zar.checkpoint"], weights_only=True)["epoch"]
     shown = [s for s, _ in history(run.info.run_id, "val_acc")]
-    assert shown in (list(range(1, epoch + 1)), list(range(1, epoch))), (shown, epoch)
-    return epoch
+    assert shown == list(range(1, len(shown) + 1)) and epoch <= len(shown), (shown, epoch)
+    return epoch, shown
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_equals_an_uninterrupted_run(store):
-    code, output = start_and_signal(signal.SIGKILL)
+@pytest.mark.parametrize("behind", [False, True])  # the checkpoint of the last epoch MLflow shows, or of epoch 3
+def test_sigkill_then_resume_equals_an_uninterrupted_run(store, behind):
+    code, output = start_and_signal(signal.SIGKILL, after_epoch=6, keep_epoch=3 if behind else None)
     assert code == -signal.SIGKILL, output
     (killed,) = runs()
     assert killed.info.status == "RUNNING"  # what SIGKILL leaves behind in MLflow
     ckpt = Path(killed.data.tags["zar.checkpoint"])
-    done_epochs = checkpointed(killed)
-    assert 2 <= done_epochs < SIGNALLED
+    done_epochs, shown = checkpointed(killed)
+    assert len(shown) >= 6 and done_epochs == (3 if behind else len(shown))
 
     # zar runs --stale finds it (the process is gone) ...
     stale = zar_subprocess("runs", "--stale")
@@ -103,14 +114,15 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_end_the_run_killed_with_its_checkpoint(store, sig):
-    code, output = start_and_signal(sig, after_epoch=1)
+    code, output = start_and_signal(sig, after_epoch=1, budget="0.02")  # the default: the stop writes it
     assert code == 130, output
     assert "marked KILLED" in output and "zar train --resume" in output
     assert "Traceback" not in output
     (run,) = runs()
     assert run.info.status == "KILLED"
     assert run.data.tags["zar.error"] == f"interrupted by {signal.Signals(sig).name}"
-    assert 1 <= checkpointed(run) < SIGNALLED
+    done_epochs, shown = checkpointed(run)
+    assert done_epochs == len(shown) and 1 <= done_epochs < SIGNALLED  # the last epoch, whatever the budget
 
 
 def test_stale_runs_can_be_closed_and_resume_refuses_finished_runs(store, zar):

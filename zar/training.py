@@ -354,14 +354,20 @@ def _fit(
     if cfg.workers == 0:  # a thread importing while DataLoader workers fork could leave them a held lock
         tracking.warm_up_model_logging()
     try:
-        for r in trainer.epochs():
-            recorder.epoch(prepared, trainer, r)
-            echo(_epoch_line(r, cfg))
-            if on_epoch is not None:
-                on_epoch(r)
-            threads = follow_thread_share()
-            if threads:
-                echo(f"threads: {threads[0]} -> {threads[1]} (this child's share of the study's cores now)")
+        try:
+            for r in trainer.epochs():
+                recorder.epoch(prepared, trainer, r)
+                echo(_epoch_line(r, cfg))
+                if on_epoch is not None:
+                    on_epoch(r)
+                threads = follow_thread_share()
+                if threads:
+                    echo(f"threads: {threads[0]} -> {threads[1]} (this child's share of the study's cores now)")
+        except (Exception, KeyboardInterrupt) as e:  # stopping: the last finished epoch goes to disk
+            if not isinstance(e, Pruned):
+                with contextlib.suppress(Exception):
+                    recorder.save()
+            raise
     except Pruned:  # never resumed: its checkpoint would only take space
         recorder.drop_checkpoint()
         raise
