@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -110,6 +111,11 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(store, behind):
     for key in ("best_val_acc", "best_epoch", "params_total"):
         assert done[killed.info.run_id].data.metrics[key] == pytest.approx(done[ref_id].data.metrics[key])
     assert not ckpt.exists()  # a finished run keeps its model, not its checkpoint
+    predicted = [
+        np.load(mlflow.artifacts.download_artifacts(run_id=i, artifact_path="val_predictions.npz"))["last_p_true"]
+        for i in (killed.info.run_id, ref_id)
+    ]
+    assert np.array_equal(*predicted)  # the resumed run's model is the uninterrupted run's, to the bit
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

@@ -197,3 +197,23 @@ def test_a_sweep_through_slurm_runs_its_trials_in_worker_jobs_and_its_seeds_as_j
     assert sorted(r.data.params["seed"] for r in reruns) == ["1", "2"]
     assert parent.info.status == "FINISHED"
     assert len([line for line in table(swept.stdout) if line.startswith("| ResNet-18")]) == 2  # best trial; seeds
+
+
+@pytest.mark.slow
+def test_a_requeued_job_resumes_its_run_from_the_checkpoint(on_slurm):
+    """Preemption or a node failure requeues a job: Slurm stops it (SIGTERM: the run ends KILLED with its
+    checkpoint) and runs it again under the same id, where `zar train` resumes that run."""
+    proc, lines = start_study(), []
+    read_until(proc, r"^\[resnet seed 1\] epoch   3/30", lines)
+    victim = job_ids("".join(lines))["resnet seed 1"]
+    on_slurm.run("scontrol", "requeue", victim)
+    on_slurm.run("scontrol", "update", f"JobId={victim}", "StartTime=now")  # Slurm holds a requeued job 2 min
+    out, _ = proc.communicate(timeout=300)
+    output = "".join(lines) + out
+    assert proc.returncode == 0, output
+    assert "[resnet seed 1] ResNet-18: resuming run" in output
+    (run,) = [r for r in children(parent_run().info.run_id) if r.data.tags.get("zar.slurm_job") == victim]
+    assert run.info.status == "FINISHED" and run.data.tags["zar.slurm_state"] == "REQUEUED"
+    steps = [m.step for m in MlflowClient().get_metric_history(run.info.run_id, "val_acc")]
+    assert sorted(steps) == list(range(1, 31))  # every epoch once
+    assert len(children(parent_run().info.run_id)) == 4

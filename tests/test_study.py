@@ -167,7 +167,9 @@ def test_a_child_killed_outright_is_failed_and_the_study_goes_on(store):
     for line in proc.stdout:
         lines.append(line)
         if line.startswith("[plain seed 1] epoch   1/3"):
-            (child,) = [c for c in psutil.Process(proc.pid).children() if "plain" in c.cmdline()]
+            (plain,) = [r for r in runs() if r.data.tags.get("zar.model") == "plain"]
+            child = psutil.Process(int(plain.data.tags["zar.pid"]))  # the worker training it
+            assert child.ppid() == proc.pid
             child.kill()
             break
     out, _ = proc.communicate(timeout=300)

@@ -141,7 +141,7 @@ def kill_a_child_at_random(proc: subprocess.Popen, rng: random.Random) -> bool:
 
 def _training_children(proc: subprocess.Popen) -> list[psutil.Process]:
     try:
-        return [c for c in psutil.Process(proc.pid).children() if "train" in c.cmdline()]
+        return [c for c in psutil.Process(proc.pid).children() if "worker" in c.cmdline()]  # zar worker: a slot
     except psutil.NoSuchProcess:
         return []
 

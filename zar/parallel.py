@@ -1,16 +1,19 @@
-"""A study's children side by side: one ``zar train`` process each, up to ``jobs`` at once.
+"""A study's children side by side: ``jobs`` worker processes (zar.worker), each training children in turn.
 
-Processes rather than threads: each child owns its interpreter, its torch threads and its
-MLflow run, exactly as ``zar train --parent-run`` would on another terminal. On two cores,
-two one-thread processes trained ResNet-34 at 32 px 1.46x faster than one two-thread process
-(AMD EPYC, docs/benchmarks.md; 1.23x on a Xeon, as issue 8 measured).
-Each child closes its own run; a child that dies without closing it (SIGKILL, out of memory)
-has its run marked FAILED here, so that no child is ever left RUNNING.
+Processes rather than threads: each child owns its torch threads and its MLflow run, exactly as
+``zar train --parent-run`` would on another terminal. On two cores, two one-thread processes
+trained ResNet-34 at 32 px 1.46x faster than one two-thread process (AMD EPYC,
+docs/benchmarks.md; 1.23x on a Xeon, as issue 8 measured). A worker per slot rather than a
+process per child: imports and data are paid once per slot. Each child closes its own run; a
+worker that dies without closing it (SIGKILL, out of memory) has its run marked FAILED here, so
+that no child is ever left RUNNING, and the slot starts a new worker for its next child.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -28,6 +31,7 @@ from .errors import Interrupted
 from .tracking import runs
 
 GRACE_S = 30.0  # how long interrupted children get to close their runs before they are killed
+DONE = "\x1ezar-worker-done "  # zar.worker starts the line that ends a child's output so; no output line does
 THREADS_FILE = "ZAR_THREADS_FILE"  # a child's share of the cores, rewritten as others end (zar.training reads it)
 
 
@@ -110,7 +114,13 @@ class Children:
             if self.stopping:
                 return None
             proc = subprocess.Popen(
-                cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+                cmd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
             )
             self.procs[key] = proc
             return proc
@@ -142,32 +152,31 @@ def train_children(
     jobs: int,
     echo: Callable[[str], None],
 ) -> list[str]:
-    """Train each child as a process of its own under run ``parent_run_id``; returns the failures.
+    """Train each child under run ``parent_run_id`` on ``jobs`` workers; returns the failures.
 
     A child gets its whole config (the study's, its seed and its varied values) as a params file:
-    ``zar train --params FILE`` reads nothing else.
+    the worker reads nothing else.
     """
     live = Children()
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        params = []
+        todo: queue.Queue = queue.Queue()
         for i, child in enumerate(children):
-            params.append(Path(tmp) / f"child{i}.yaml")
-            params[i].write_text(to_yaml(child.cfg))
-        pool = ThreadPoolExecutor(max_workers=jobs)
+            params = Path(tmp) / f"child{i}.yaml"
+            params.write_text(to_yaml(child.cfg))
+            todo.put((child, params))
+        slots = min(jobs, len(children))
+        pool = ThreadPoolExecutor(max_workers=max(1, slots))
         share = ThreadShare(Path(tmp), jobs, len(children))
         try:
-            futures = {
-                pool.submit(_run_child, live, share, i, jobs, child, params[i], parent_run_id, experiment, echo)
-                for i, child in enumerate(children)
+            pending = {
+                pool.submit(_slot, live, share, slot, jobs, todo, parent_run_id, experiment, echo)
+                for slot in range(slots)
             }
-            pending = set(futures)
             while pending:  # a timed wait, so that Ctrl-C reaches this thread at once
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for future in done:
-                    failure = future.result()
-                    if failure:
-                        failures.append(failure)
+                    failures.extend(future.result())
         except KeyboardInterrupt as e:
             live.stop()
             raise Interrupted(f"interrupted by {str(e) or 'SIGINT'}: its running children were stopped") from None
@@ -180,45 +189,60 @@ def train_children(
     return failures
 
 
-def _run_child(
-    live: Children,
-    share: ThreadShare,
-    i: int,
-    jobs: int,
-    child: Child,
-    params: Path,
-    parent_run_id: str,
-    experiment: str,
-    echo,
-) -> str | None:
-    zar = [sys.executable, "-m", "zar", "train", "--no-progress"]
-    if child.resume:  # an interrupted attempt's run, with its own settings, under its parent already
-        cmd = [*zar, "--resume", child.resume]
-    else:
-        cmd = [*zar, "--model", child.model, "--params", str(params), "--experiment", experiment]
-        cmd += ["--parent-run", parent_run_id]
-    env = child_env(i % jobs, jobs, share.started(i))
-    if share.enabled:
-        env[THREADS_FILE] = str(share.file(i))
+def _slot(live: Children, share: ThreadShare, slot: int, jobs: int, todo, parent_run_id, experiment, echo):
+    """One worker's children, in turn, until none is left; a worker that dies is replaced for the next."""
+    failures: list[str] = []
+    proc = None
     try:
-        proc = live.start(i, cmd, env)
-        if proc is None:
-            return None  # the study is stopping: this child never started
-        return _follow(live, proc, child, echo)
+        while True:
+            try:
+                child, params = todo.get_nowait()
+            except queue.Empty:
+                return failures
+            threads = share.started(slot)
+            try:
+                if proc is None or proc.poll() is not None:
+                    env = child_env(slot, jobs, threads)
+                    if share.enabled:
+                        env[THREADS_FILE] = str(share.file(slot))
+                    proc = live.start(slot, [sys.executable, "-m", "zar", "worker"], env)
+                    if proc is None:
+                        return failures  # the study is stopping: this child never started
+                task = {"model": child.model, "params": str(params), "experiment": experiment, "parent": parent_run_id}
+                if child.resume:  # an interrupted attempt's run, with its own settings, under its parent already
+                    task = {"resume": child.resume}
+                try:
+                    proc.stdin.write(json.dumps(task) + "\n")
+                    proc.stdin.flush()
+                except OSError:
+                    pass  # the worker died: _follow reports it
+                failure = _follow(live, proc, child, echo)
+                if failure:
+                    failures.append(failure)
+            finally:
+                share.ended(slot)
     finally:
-        share.ended(i)
+        if proc is not None and proc.poll() is None:
+            proc.stdin.close()  # no more children: the worker ends
+            proc.wait()
 
 
 def _follow(live: Children, proc: subprocess.Popen, child: Child, echo) -> str | None:
-    """The child's output, prefixed with its label; its failure, if it failed."""
+    """The child's output, prefixed with its label, until the worker says it ended; its failure, if it failed."""
     prefix, last_error = f"[{child.label}] ", None
     for line in proc.stdout:
         line = line.rstrip("\n")
+        if line.startswith(DONE):
+            error = json.loads(line[len(DONE) :])["error"]
+            if error is None or live.stopping:
+                return None
+            echo(f"{child.label} failed: {error}")
+            return f"{child.label}: {error}"
         if line.startswith("Error: "):
             last_error = line[len("Error: ") :]
         echo(prefix + line)
-    code = proc.wait()
-    if code == 0 or live.stopping:
+    code = proc.wait()  # the worker ended without finishing the child
+    if live.stopping:
         return None
     message = last_error or f"process ended with {_describe_exit(code)}"
     echo(f"{child.label} failed: {message}")

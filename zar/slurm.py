@@ -8,7 +8,8 @@ must be one every node reaches (an ``http://`` server; a SQLite file only on sha
 The parent run keeps each child's job id (tag ``zar.slurm_jobs``): the same command again attaches
 to jobs still queued or running rather than submitting them twice. Stopping the study cancels its
 jobs unless told to keep them. A job that Slurm ends (time limit, preemption, node failure,
-``scancel``) leaves its run FAILED or KILLED, never RUNNING, with Slurm's state in ``zar.slurm_state``.
+``scancel``) leaves its run FAILED or KILLED, never RUNNING, with Slurm's state in ``zar.slurm_state``;
+a job that Slurm requeues runs ``zar train`` again, which resumes its earlier attempt's run.
 """
 
 from __future__ import annotations
@@ -122,6 +123,26 @@ def describe_settings() -> str:
 # --- the jobs -----------------------------------------------------------------------------------
 
 
+def requeued_run(parent_run_id: str) -> str | None:
+    """In a Slurm job that was requeued (preemption, node failure, ``scontrol requeue``): the run its
+    earlier attempt left under ``parent_run_id``, to resume from its checkpoint; None otherwise.
+
+    An attempt's run without a checkpoint is discarded, as a study discards one: the child starts over."""
+    job, restarts = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_RESTART_COUNT", "0")
+    if not job or restarts in ("", "0"):
+        return None
+    for run in tracking.children(parent_run_id):
+        if run.data.tags.get(tracking.TAG_SLURM_JOB) != job or run.info.status == tracking.FINISHED:
+            continue
+        if run.info.status == tracking.RUNNING:  # its process went with the job's last attempt
+            tracking.end_run(run.info.run_id, tracking.KILLED, f"its Slurm job {job} was requeued")
+        tracking.set_tags(run.info.run_id, {TAG_STATE: "REQUEUED"})
+        if tracking.checkpoint_path(run).exists():
+            return run.info.run_id
+        runs.discard(run.info.run_id)
+    return None
+
+
 def child_key(child: Child) -> str:
     return "/".join(child.key)
 
@@ -173,6 +194,16 @@ class _Live:
     log_offset: int = 0
     last_error: str | None = None
     since: float = field(default_factory=time.monotonic)
+    result_mtime: float | None = None
+
+    def new_result(self) -> bool:
+        """Whether the job left a result file since last asked (once per attempt: a requeued job runs again)."""
+        try:
+            mtime = Path(self.job.paths.result_pickle).stat().st_mtime
+        except OSError:
+            return False
+        new, self.result_mtime = mtime != self.result_mtime, mtime
+        return new
 
     def gone(self, state: str) -> bool:
         """Slurm says the job ended; a job sacct does not know yet (just submitted) is not, for a minute."""
@@ -228,12 +259,13 @@ def run_jobs(tasks: list[Task], parent_run_id: str, options: SlurmOptions, echo:
                     echo(f"[{task.label}] submitted as Slurm job {job.job_id}")
                 live.append(_Live(task, job))
             time.sleep(1.0)
-            # A job that returned leaves its result file; one that Slurm ended shows in sacct (every 5 s).
-            ended = {id(e) for e in live if Path(e.job.paths.result_pickle).exists()}
-            if time.monotonic() - checked > 5:
+            # Ended is what sacct says (every 5 s, or at once when a job left its result file): a job
+            # that Slurm requeues leaves one too, then runs again under the same id.
+            ended = set()
+            if time.monotonic() - checked > 5 or any(e.new_result() for e in live):
                 checked = time.monotonic()
                 now = states([str(e.job.job_id) for e in live])
-                ended |= {id(e) for e in live if e.gone(now.get(str(e.job.job_id), "UNKNOWN"))}
+                ended = {id(e) for e in live if e.gone(now.get(str(e.job.job_id), "UNKNOWN"))}
             for entry in list(live):
                 _echo_new_lines(entry, echo)
                 if id(entry) in ended:
@@ -275,6 +307,8 @@ def _command(child: Child, folder: Path, parent_run_id: str, experiment: str, op
 def _echo_new_lines(entry: _Live, echo) -> None:
     path = Path(entry.job.paths.stdout)
     try:
+        if path.stat().st_size < entry.log_offset:  # a requeued job starts its log again
+            entry.log_offset = 0
         with open(path, errors="replace") as f:
             f.seek(entry.log_offset)
             text = f.read()

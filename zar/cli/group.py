@@ -9,7 +9,7 @@ import click
 
 from ..errors import ZarException, describe
 from ..tracking.store import ENV_RUN_ID, redact_text
-from .make_runs import bench, study, sweep, train
+from .make_runs import bench, study, sweep, train, worker
 from .read_runs import compare, models, report, runs, ui
 
 
@@ -67,7 +67,7 @@ def cli(ctx):
         )
 
 
-for command in (models, train, study, sweep, compare, report, bench, runs, ui):
+for command in (models, train, study, sweep, compare, report, bench, runs, ui, worker):
     cli.add_command(command)
 
 

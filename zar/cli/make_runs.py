@@ -6,6 +6,8 @@ tracking server, and only then imports what trains: a typo costs no wait.
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..ablation import parse_vary, plan
@@ -112,10 +114,16 @@ def train(model_name, cfg_loader, experiment, resume_run, parent_run, tag_pairs,
         if resume_run:
             result = training.resume(resume_run, progress=not no_progress)
         else:
+            from ..slurm import requeued_run
+
             tags = dict(pair.partition("=")[::2] for pair in tag_pairs)
-            result = training.train(
-                model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run, tags=tags or None
-            )
+            earlier = requeued_run(parent_run) if parent_run else None  # a Slurm job run again: resume its run
+            if earlier:
+                result = training.resume(earlier, progress=not no_progress)
+            else:
+                result = training.train(
+                    model_name, cfg, experiment, progress=not no_progress, parent_run_id=parent_run, tags=tags or None
+                )
     finally:
         close()  # under torchrun: leave the process group
     if result is not None:  # None: a torchrun rank other than 0, which records nothing
@@ -305,6 +313,15 @@ def _check_study(models, seeds, baseline, cfg, vary) -> None:
     check_study(models, baseline or (DEFAULT_BASELINE if DEFAULT_BASELINE in models else models[0]), seeds)
     for data in dict.fromkeys(kid.cfg.data for kid in plan(models[:1], seeds, cfg, vary)):  # each config checked
         check_data_path(data)
+
+
+@click.command(hidden=True)
+def worker():
+    """Train the children a study hands this process on stdin, in turn (how 'zar study --jobs' runs them)."""
+    probe_server()
+    from ..worker import serve
+
+    sys.exit(serve())
 
 
 @click.command()
