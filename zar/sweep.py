@@ -560,11 +560,7 @@ def _rerun_best(s: Search, best: trials.BestTrials) -> list[str]:
         study = s.studies[row.model]
         values = study.trials[row.trial].params  # Optuna's exact values, not the table's rounded ones
         rerun_of = f"{study.study_name}/{row.trial}"
-        done = {
-            r.data.params.get("seed")
-            for r in tracking.children(best.parent_run_id, status=tracking.FINISHED)
-            if r.data.tags.get(tracking.TAG_RERUN_OF) == rerun_of
-        }
+        done = trials.seeds_rerun(best.parent_run_id, rerun_of)
         for seed in s.spec.seeds:
             if str(seed) in done:
                 continue

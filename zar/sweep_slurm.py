@@ -71,11 +71,7 @@ class SlurmLauncher:
                 continue  # no trial of this architecture finished
             study = s.studies[row.model]
             rerun_of = f"{study.study_name}/{row.trial}"
-            done = {
-                r.data.params.get("seed")
-                for r in tracking.children(best.parent_run_id, status=tracking.FINISHED)
-                if r.data.tags.get(tracking.TAG_RERUN_OF) == rerun_of
-            }
+            done = trials.seeds_rerun(best.parent_run_id, rerun_of)
             for seed in s.spec.seeds:
                 if str(seed) in done:
                     continue

@@ -209,3 +209,12 @@ def rerun_table(experiment: str, parent_run_id: str, baseline: str | None = None
     if not fetched.rows:
         return None
     return build_table(fetched.rows, baseline, tuned=parent.tuned_keys)
+
+
+def seeds_rerun(parent_run_id: str, rerun_of: str) -> set[str]:
+    """The seeds of a sweep's finished --seeds runs of one trial (``rerun_of``: study/trial), as params keep them."""
+    return {
+        r.data.params.get("seed")
+        for r in tracking.children(parent_run_id, status=tracking.FINISHED)
+        if r.data.tags.get(tracking.TAG_RERUN_OF) == rerun_of
+    }
