@@ -489,9 +489,18 @@ class Check:
     seconds: float = 0.0  # how long the page took to load, once run
 
     def run(self, chromium: str, folder: Path, budget_ms: int = BUDGET_MS) -> list[str]:
+        """The page's problems. A link that must pass and did not is loaded once more with twice the
+        budget: on a loaded machine MLflow's chart view can miss the first budget (seen in CI), and
+        a page that is wrong stays wrong however long it is given."""
         started = time.monotonic()
-        dom = render(chromium, self.url, folder / f"{self.name}.png", budget_ms)
+        problems = self._load(chromium, folder, budget_ms)
+        if problems and not self.control:
+            problems = self._load(chromium, folder, 2 * budget_ms)
         self.seconds = time.monotonic() - started
+        return problems
+
+    def _load(self, chromium: str, folder: Path, budget_ms: int) -> list[str]:
+        dom = render(chromium, self.url, folder / f"{self.name}.png", budget_ms)
         (folder / f"{self.name}.html").write_text(dom)
         return self.problems(Page(dom))
 

@@ -481,3 +481,29 @@ def test_a_checkpoint_is_synced_then_renamed_then_its_folder_synced(tmp_path, mo
     assert events == [("fsync", "file"), ("replace", "last.pt"), ("fsync", "folder")]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
     assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+def test_a_stop_signal_during_a_checkpoint_write_is_handled_once_the_checkpoint_is_whole(tmp_path):
+    """A SIGTERM inside torch.save used to surface as torch's RuntimeError: the run ended FAILED, not KILLED."""
+    from zar import recording
+
+    class SignalsWhilePickled:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return (int, (7,))
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    checkpoints = recording.Checkpoints()
+    checkpoints.state, checkpoints.epoch = {"epoch": 3, "x": SignalsWhilePickled()}, 3
+    path = tmp_path / "checkpoints" / "last.pt"
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+            checkpoints.write(path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert checkpoints.written == 3
+    with torch.serialization.safe_globals([int]):  # what the test's object pickles as
+        assert torch.load(path, weights_only=True) == {"epoch": 3, "x": 7}

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,11 +86,12 @@ class Checkpoints:
     def write(self, path: Path) -> None:
         if self.state is None or self.written == self.epoch:
             return
-        start = time.perf_counter()
-        save_checkpoint(path, self.state)
-        self.write_s = time.perf_counter() - start
-        self.spent += self.write_s
-        self.written = self.epoch
+        with signals_deferred():  # a stop signal now is handled once the checkpoint is whole and counted
+            start = time.perf_counter()
+            save_checkpoint(path, self.state)
+            self.write_s = time.perf_counter() - start
+            self.spent += self.write_s
+            self.written = self.epoch
 
 
 @dataclass(frozen=True)
@@ -232,6 +235,31 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Ctrl-C, SIGTERM and SIGHUP held until the block ends, then delivered to their handlers.
+
+    A stop signal raised inside torch.save's writer surfaces as torch's RuntimeError ("unexpected
+    pos"), not as the interruption it was: the run would end FAILED instead of KILLED, with no
+    checkpoint of its last epoch. Outside the main thread signals cannot be handled: no change.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(received):
+            signal.raise_signal(s)
 
 
 def log_datasets(data: DataBundle) -> None:
