@@ -81,7 +81,11 @@ def judge(table, runs: list[RunRow], judging: Judging, holm) -> None:
 
 
 def _interval(mine: list[RunRow], theirs: list[RunRow], stats: str, predictions: dict, select: str) -> Interval | None:
-    """The paired bootstrap where every run of both sides has predictions on one split, else Welch."""
+    """The paired bootstrap where every run of both sides has predictions on one split, else Welch.
+
+    Each side's runs in seed order: the bootstrap's draws fall on runs by position, so the order the
+    store lists them in (a resumed or replaced child starts later) must not move the interval."""
+    mine, theirs = sorted(mine, key=_by_seed), sorted(theirs, key=_by_seed)
     found = [predictions.get(r.run_id) for r in [*mine, *theirs]]
     if stats == "bootstrap" and min(len(mine), len(theirs)) >= 2 and all(p is not None for p in found):
         first = found[0]
@@ -92,6 +96,10 @@ def _interval(mine: list[RunRow], theirs: list[RunRow], stats: str, predictions:
             correct = np.stack([p.correct(select) for p in found])
             return paired_bootstrap(correct[: len(mine)], correct[len(mine) :])
     return welch_interval([100 * r.val_acc for r in mine], [100 * r.val_acc for r in theirs])
+
+
+def _by_seed(r: RunRow) -> tuple:
+    return (not r.seed.isdigit(), int(r.seed) if r.seed.isdigit() else 0, r.seed, r.run_id)
 
 
 def _verdicts(table, intervals: dict[str, Interval | None], judging: Judging, tested: int) -> None:
