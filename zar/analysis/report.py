@@ -333,7 +333,7 @@ def _side(d: Disagreement, cases, right: str, wrong: str) -> list[str]:
             else f'<div class="missing">{html.escape(case.id)} not found</div>'
         )
         caption = (
-            f"true {html.escape(case.true)}, said {html.escape(case.wrong_as)}<br>{case.seeds} of {len(d.seeds)} seeds"
+            f"true {html.escape(case.true)}, said {html.escape(case.wrong_as)}<br>{case.seeds} of {len(d.seeds)} seed{'s' * (len(d.seeds) > 1)}"
         )
         figures.append(
             f'<figure data-id="{html.escape(case.id)}" data-seeds="{case.seeds}">{picture}'
