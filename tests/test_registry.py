@@ -38,6 +38,7 @@ def test_study_registers_the_best_rows_best_run_with_tags_linking_back(in_study)
     assert client.get_run(in_study.parent_id).data.tags["zar.registered_model"] == "models:/tiny-study/1"
 
 
+@pytest.mark.slow  # 14-17 s: the fast suite had reached 5.6 min
 def test_train_registers_new_versions_that_load_from_the_registry_without_zar(store, zar, tmp_path):
     for _ in range(2):
         result = zar("train", "--model", "se", *epochs(2), "--register", "digits-se")

@@ -131,6 +131,7 @@ def test_sigterm_and_sigint_end_the_run_killed_with_its_checkpoint(store, sig):
     assert done_epochs == len(shown) and 1 <= done_epochs < SIGNALLED  # the last epoch, whatever the budget
 
 
+@pytest.mark.slow  # 14-17 s: the fast suite had reached 5.6 min
 def test_stale_runs_can_be_closed_and_resume_refuses_finished_runs(store, zar):
     code, _ = start_and_signal(signal.SIGKILL, after_epoch=1)
     (run,) = runs()
@@ -354,6 +355,7 @@ def test_an_empty_or_truncated_checkpoint_is_named_in_one_line(store, zar, conte
     assert client.get_run(run.info.run_id).info.status == "KILLED"  # refused before anything changed
 
 
+@pytest.mark.slow  # 14-17 s: the fast suite had reached 5.6 min
 def test_resume_claims_the_run_before_loading_data(store, zar, monkeypatch):
     """While the data loads, the run is already RUNNING under this process: a second resume is refused."""
     from zar import training

@@ -324,7 +324,7 @@ def _side(d: Disagreement, cases, right: str, wrong: str) -> list[str]:
     parts = [f"<h4>{html.escape(right)} right, {html.escape(wrong)} wrong: {len(cases)} images{more}</h4>"]
     if not cases:
         return parts
-    figures = []
+    figures, seeds = [], f"{len(d.seeds)} seed{'s' * (len(d.seeds) > 1)}"
     for case in cases[:MAX_SHOWN]:
         pixels = d.images.get(case.id)
         picture = (
@@ -332,9 +332,7 @@ def _side(d: Disagreement, cases, right: str, wrong: str) -> list[str]:
             if pixels is not None
             else f'<div class="missing">{html.escape(case.id)} not found</div>'
         )
-        caption = (
-            f"true {html.escape(case.true)}, said {html.escape(case.wrong_as)}<br>{case.seeds} of {len(d.seeds)} seed{'s' * (len(d.seeds) > 1)}"
-        )
+        caption = f"true {html.escape(case.true)}, said {html.escape(case.wrong_as)}<br>{case.seeds} of {seeds}"
         figures.append(
             f'<figure data-id="{html.escape(case.id)}" data-seeds="{case.seeds}">{picture}'
             f'<figcaption title="image {html.escape(case.id)}">{caption}</figcaption></figure>'
