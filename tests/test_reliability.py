@@ -141,7 +141,8 @@ def test_stale_runs_can_be_closed_and_resume_refuses_finished_runs(store, zar):
     assert run.info.status == "FAILED" and "process gone" in run.data.tags["zar.error"]
     assert "No stale runs." in zar("runs", "--stale").output
     # A FAILED run resumes too; a FINISHED one has nothing left to do.
-    assert zar("train", "--resume", run.info.run_id, "--no-progress").exit_code == 0
+    resumed = zar("train", "--resume", run.info.run_id, "--no-progress")
+    assert resumed.exit_code == 0, resumed.output
     run = MlflowClient().get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and "zar.error" not in run.data.tags
     again = zar("train", "--resume", run.info.run_id)
@@ -509,3 +510,16 @@ def test_a_stop_signal_during_a_checkpoint_write_is_handled_once_the_checkpoint_
     assert checkpoints.written == 3
     with torch.serialization.safe_globals([int]):  # what the test's object pickles as
         assert torch.load(path, weights_only=True) == {"epoch": 3, "x": 7}
+
+
+def test_a_budget_of_1_writes_every_epoch_however_large_the_state():
+    """ZAR_CHECKPOINT_BUDGET=1 means every epoch: a first write estimated at more than the run's time
+    so far skipped epoch 1, and a kill -9 then left nothing to resume (seen in CI)."""
+    from zar import recording
+
+    checkpoints = recording.Checkpoints(budget=1.0)
+    checkpoints.keep({"w": torch.zeros(50_000_000)}, 1)  # 200 MB: estimated at 1 s of writing
+    assert checkpoints.due()
+    default = recording.Checkpoints(budget=0.02)
+    default.keep({"w": torch.zeros(50_000_000)}, 1)
+    assert not default.due()  # the default still weighs the write against the run's time
