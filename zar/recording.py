@@ -38,6 +38,7 @@ from .learn import distributed, served_model
 from .learn.data import IMAGENET_MEAN, IMAGENET_STD, DataBundle, SmallImages
 from .learn.engine import EpochResult, Trainer
 from .learn.models import count_params
+from .tracking.runs import STOP_SIGNALS
 
 
 @dataclass(frozen=True)
@@ -237,9 +238,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
         os.fsync(folder)
     finally:
         os.close(folder)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @contextlib.contextmanager
